@@ -51,3 +51,11 @@ class LedgerError(EvoMergeException):
 
 class GGUFError(EvoMergeException):
     """A GGUF file cannot be read, converted or written."""
+
+
+class ReportError(EvoMergeException):
+    """A chart, markdown summary or HTML report cannot be built from the given run data."""
+
+
+class TransientStoreError(StoreError):
+    """A store operation failed for a reason that may pass (network, timeout, server error); retrying may succeed."""
