@@ -76,6 +76,9 @@ class MergeSpec(_SpecModel):
     parameters: dict[str, ParameterValue] = Field(default_factory=dict)
     slices: list[Slice] | None = None
     layer_path: list[LayerStep] | None = None
+    ps_method: str | None = Field(
+        default=None, description="ps_dfs only: the parameter-space method whose result the layer path runs over."
+    )
     embed_model: str | None = Field(
         default=None, description="Model that provides embeddings, final norm and head for a layer path."
     )
