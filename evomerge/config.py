@@ -84,6 +84,16 @@ class EvolutionSettings(_Section):
         default_factory=list,
         description="Metrics for a Pareto front; empty means the single weighted fitness.",
     )
+    crossover_rate: float = Field(
+        default=0.25,
+        ge=0.0,
+        le=1.0,
+        description="Share of tournament and dfs children made by merging two earlier candidates instead of mutating one.",
+    )
+    dfs_repeats: int = Field(default=2, ge=1, description="Times each layer of each model is available to a layer path.")
+    cmaes_sigma: float = Field(
+        default=0.25, gt=0.0, le=1.0, description="Initial CMA-ES step size, as a fraction of each parameter's range."
+    )
 
     @model_validator(mode="after")
     def _elites_fit(self) -> "EvolutionSettings":
@@ -109,6 +119,9 @@ class EvaluationSettings(_Section):
         default_factory=list, description="Text files or literal strings for the held-out report."
     )
     prompts: list[str] = Field(default_factory=list, description="Prompts for the coherence metric.")
+    heldout_prompts: list[str] = Field(
+        default_factory=list, description="Coherence prompts for the held-out report; empty means the search prompts."
+    )
     task_files: list[str] = Field(default_factory=list, description="JSONL task files for task accuracy.")
     heldout_task_files: list[str] = Field(default_factory=list, description="JSONL task files for the held-out report.")
     max_length: int = Field(default=256, ge=2, description="Tokens per perplexity window.")
@@ -172,6 +185,9 @@ class RunnerSettings(_Section):
     max_workers: int = Field(default=2, ge=1, description="Concurrent merge or evaluation tasks.")
     address: str | None = Field(default=None, description="Scheduler address of an existing Dask or Ray cluster.")
     gpus_per_task: float = Field(default=0.0, ge=0.0, description="GPUs requested per task from Dask or Ray.")
+    merge_timeout_seconds: float | None = Field(default=None, gt=0, description="Time limit of one merge task.")
+    evaluation_timeout_seconds: float | None = Field(default=None, gt=0, description="Time limit of one evaluation task.")
+    retries: int = Field(default=2, ge=0, description="Retries of a task that failed on a transient store error.")
 
 
 class Configuration(_Section):

@@ -1,0 +1,1 @@
+"""The search strategies behind ``evomerge.evolution.make_strategy``."""
