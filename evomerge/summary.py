@@ -1,0 +1,47 @@
+"""The closing summary a finished tournament prints for the user."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    """Format a flow summary: the best model's path, the score table by split, and the output files."""
+    lines = [f"Run {summary['run_id']} finished."]
+    if summary.get("best_path"):
+        lines.append(f"Best model: {summary['best_path']}")
+        lines.append(f"  key {summary['best_key']}, search fitness {summary['best_fitness']:.4f}")
+    else:
+        lines.append("No candidate was built successfully; see evomerge.log for the reasons.")
+
+    rows = summary.get("comparison") or []
+    for split in ("search", "heldout"):
+        split_rows = [row for row in rows if row["split"] == split]
+        if not split_rows:
+            continue
+        metrics = sorted({row["metric"] for row in split_rows}, key=lambda m: (m != "fitness", m))
+        names = list(dict.fromkeys(row["name"] for row in split_rows))
+        values = {(row["name"], row["metric"]): row["value"] for row in split_rows}
+        width = max(len(name) for name in names) + 2
+        lines.append("")
+        lines.append(f"Scores on the {split} split (fitness: higher is better):")
+        lines.append("  " + "model".ljust(width) + "".join(metric.rjust(16) for metric in metrics))
+        for name in names:
+            cells = []
+            for metric in metrics:
+                value = values.get((name, metric))
+                cells.append(("failed" if value is None else f"{value:.4f}").rjust(16))
+            lines.append("  " + name.ljust(width) + "".join(cells))
+
+    files = summary.get("files") or {}
+    if files:
+        lines.append("")
+        lines.append("Charts and report:")
+        for name, path in files.items():
+            lines.append(f"  {name}: {path}")
+    return "\n".join(lines)
+
+
+def print_summary(summary: dict[str, Any]) -> None:
+    """Print ``format_summary(summary)`` to standard output."""
+    print(format_summary(summary))

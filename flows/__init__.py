@@ -1,0 +1,1 @@
+"""Prefect flows: the tournament and the preparation of the default model family."""
