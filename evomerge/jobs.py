@@ -9,6 +9,7 @@ does.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from typing import Any
 
@@ -19,6 +20,22 @@ from evomerge.exceptions import EvoMergeException
 from evomerge.store import CheckpointRef, CheckpointStore
 
 logger = logging.getLogger(__name__)
+
+_import_lock = threading.Lock()
+
+
+def import_model_libraries() -> None:
+    """Import the transformers classes the jobs use, one thread at a time.
+
+    transformers resolves its top-level names lazily, and two threads doing
+    the first import at once can see a half-initialised module
+    ("cannot import name 'AutoModelForCausalLM'").
+    """
+    with _import_lock:
+        import transformers
+
+        transformers.AutoModelForCausalLM  # noqa: B018 - forces the lazy import
+        transformers.AutoTokenizer  # noqa: B018
 
 
 class BuildJob(BaseModel):
@@ -84,6 +101,7 @@ def build_candidate(job: BuildJob) -> BuildResult:
     from evomerge.merge.engine import MergeOptions, run_merge
     from evomerge.recipe import Recipe, recipe_to_spec
 
+    import_model_libraries()
     started = time.perf_counter()
     store = open_store(job.storage)
     existing = store.get(job.key)
@@ -124,6 +142,7 @@ def evaluate_candidate(job: EvaluationJob):
     """Score one checkpoint; a broken model returns failed ``Scores`` instead of raising."""
     from evomerge.evaluation import WORST_FITNESS, Scores, evaluate_model
 
+    import_model_libraries()
     if job.model_path is not None:
         path = job.model_path
     elif job.ref is not None:
