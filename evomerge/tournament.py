@@ -6,9 +6,9 @@ publishes each generation. The Prefect flow passes an executor that maps
 Prefect tasks; tests and library users can pass ``ThreadExecutor``.
 
 A run with an existing run id replays the loop from the first generation.
-The strategies are deterministic given their observations, every built
-checkpoint is found in the store by its key, and every score is found in the
-ledger, so a resumed run rebuilds and rescores nothing that finished and ends
+The strategies are deterministic given their observations. Every built
+checkpoint is found in the store by its key and every score in the ledger.
+So a resumed run rebuilds and rescores nothing that finished, and it ends
 with the same best candidate as an uninterrupted run.
 """
 
@@ -36,7 +36,7 @@ HELDOUT_TOP_K = 3
 
 @dataclass
 class GenerationReport:
-    """What one finished generation produced, for artifacts and progress."""
+    """The candidates and scores of one finished generation, for artifacts and progress."""
 
     run_id: str
     generation: int
@@ -288,7 +288,12 @@ class _Tournament:
             build = builds[key]
             score = scores.get(key)
             failed = build.failed or score is None or score.failed
-            error = build.error if build.failed else (score.error if score is not None else None)
+            if build.failed:
+                error = build.error
+            elif score is None:
+                error = "no score was returned"
+            else:
+                error = score.error
             fitness = WORST_FITNESS if failed else score.fitness
             metrics = dict(score.metrics) if score is not None else {}
             observations.append(Observation(recipe=recipe, key=key, fitness=fitness, metrics=metrics, failed=failed, error=error))
@@ -301,13 +306,14 @@ class _Tournament:
         valid = [row["fitness"] for row in rows if _finite(row["fitness"])]
         best = max((row for row in rows if _finite(row["fitness"])), key=lambda row: row["fitness"], default=None)
         wall_seconds = time.perf_counter() - started
+        spread = statistics.pstdev(valid) if len(valid) > 1 else 0.0
         self.ledger.record_generation(
             self.run_id,
             generation,
             best_key=best["key"] if best else None,
             best_fitness=best["fitness"] if best else None,
             mean_fitness=statistics.fmean(valid) if valid else None,
-            std_fitness=statistics.pstdev(valid) if len(valid) > 1 else 0.0 if valid else None,
+            std_fitness=spread if valid else None,
             candidates=len(rows),
             failed=sum(1 for row in rows if row["failed"]),
             wall_seconds=wall_seconds,
