@@ -164,6 +164,9 @@ class StorageSettings(_Section):
     cache_dir: str | None = Field(
         default=None, description="Local copies of remote checkpoints; defaults to <state_dir>/cache."
     )
+    export_ledger: bool = Field(
+        default=False, description="At the end of a run write the ledger as Parquet to <store_url>/ledger/."
+    )
     keep_top_k: int | None = Field(
         default=None, ge=1, description="At the end of a run keep only the top k candidates and their ancestors."
     )

@@ -51,6 +51,7 @@ class BuildJob(BaseModel):
     max_shard_bytes: int = 2 * 1024**3
     allow_pickle: bool = False
     out_dtype: str | None = None
+    device: str = "cpu"
 
 
 class BuildResult(BaseModel):
@@ -122,6 +123,7 @@ def build_candidate(job: BuildJob) -> BuildResult:
             max_shard_bytes=job.max_shard_bytes,
             allow_pickle=job.allow_pickle,
             out_dtype=job.out_dtype,
+            device=job.device,
         )
         with store.staging_dir(job.key) as staging:
             output = run_merge(spec, staging / "model", options)
@@ -134,7 +136,9 @@ def build_candidate(job: BuildJob) -> BuildResult:
         return BuildResult(key=job.key, failed=True, error=str(error), seconds=seconds)
 
     seconds = time.perf_counter() - started
-    logger.info("candidate %s: built %s in %.1f s (%d bytes)", job.key, recipe.method, seconds, ref.size_bytes)
+    logger.info(
+        "candidate %s: built %s in %.1f s on %s (%d bytes)", job.key, recipe.method, seconds, job.device, ref.size_bytes
+    )
     return BuildResult(key=job.key, ref=ref, seconds=seconds)
 
 

@@ -388,6 +388,10 @@ class _Tournament:
         result.files = report_module.write_run_report(self, result)
         if self.config.storage.keep_top_k:
             self.apply_retention()
+        if self.config.storage.export_ledger:
+            destination = self.config.storage.resolved_store_url().rstrip("/") + "/ledger"
+            written = self.ledger.export_parquet(destination, storage_options=self.config.storage.storage_options)
+            logger.info("run %s: ledger exported to %d Parquet files under %s", self.run_id, len(written), destination)
         self.ledger.finish_run(self.run_id, "completed", result.best_key)
         self.executor.publish_final(result, report_module.final_summary_markdown(self, result))
         return result

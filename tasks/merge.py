@@ -5,6 +5,7 @@ from __future__ import annotations
 from prefect import get_run_logger, task
 from prefect.context import TaskRunContext
 
+from evomerge.device_pool import lease_device
 from evomerge.jobs import BuildJob, BuildResult, build_candidate
 from evomerge.recipe import MERGE_CODE_VERSION
 from tasks.common import retry_on_transient_error
@@ -28,7 +29,8 @@ def merge_cache_key(context: TaskRunContext, parameters: dict) -> str:
 )
 def merge_candidate(job: BuildJob) -> BuildResult:
     """Merge ``job.recipe`` into the store and return its reference (or the failure reason)."""
-    result = build_candidate(job)
+    with lease_device(None) as device:
+        result = build_candidate(job.model_copy(update={"device": device}))
     logger = get_run_logger()
     if result.failed:
         logger.warning("candidate %s failed to build: %s", job.key, result.error)
