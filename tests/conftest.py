@@ -27,6 +27,9 @@ os.environ.pop("PREFECT_API_URL", None)
 # stream that is closed when that test ends.
 import prefect  # noqa: E402,F401
 
+# One moto S3 server on 127.0.0.1 for the whole session; see tests/s3_server.py.
+from s3_server import s3_bucket, s3_server  # noqa: E402,F401
+
 
 @pytest.fixture(scope="session")
 def prefect_harness():

@@ -16,7 +16,7 @@ import pytest
 
 from evomerge.exceptions import LedgerError
 from evomerge.ledger import TABLES, Ledger
-from s3_server import s3_bucket, s3_server  # noqa: F401
+
 
 LINEAR = {"merge_method": "linear", "models": [{"model": "a"}, {"model": "b"}]}
 TIES = {"merge_method": "ties", "parameters": {"density": 0.5}}

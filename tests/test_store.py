@@ -17,7 +17,7 @@ import pytest
 
 from evomerge.exceptions import StoreError, TransientStoreError
 from evomerge.store import MANIFEST_NAME, CheckpointRef, CheckpointStore
-from s3_server import TEST_CREDENTIALS, free_port, s3_bucket, s3_server  # noqa: F401
+from s3_server import TEST_CREDENTIALS, free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 WEIGHTS = b"\x01\x02\x03\x04" * 256  # 1024 bytes
