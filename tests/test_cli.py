@@ -180,3 +180,50 @@ def test_evaluate_failed_model_exit_code(tmp_path, tiny_family):
     payload = json.loads(completed.stdout.strip().splitlines()[-1])
     assert payload["failed"] is True
     assert payload["error"]
+
+
+def _merge_and_generate(tmp_path: Path, config: dict) -> Path:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    config_path = tmp_path / "layers.yml"
+    config_path.write_text(yaml.safe_dump(config))
+    output = tmp_path / "out"
+    completed = _cli("--merge", str(config_path), "--output", str(output), cwd=tmp_path)
+    assert completed.returncode == EXIT_OK, completed.stderr
+
+    model = AutoModelForCausalLM.from_pretrained(output)
+    tokenizer = AutoTokenizer.from_pretrained(output)
+    ids = tokenizer("def add", return_tensors="pt").input_ids
+    generated = model.generate(ids, max_new_tokens=4, do_sample=False)
+    assert generated.shape[1] == ids.shape[1] + 4
+    return output
+
+
+def test_merge_frankenmerge_config(tmp_path, tiny_family):
+    base, ft1 = tiny_family[:2]
+    config = {
+        "merge_method": "passthrough",
+        "slices": [
+            {"sources": [{"model": str(base), "layer_range": [0, 3]}]},
+            {"sources": [{"model": str(ft1), "layer_range": [2, 4]}]},
+        ],
+        "dtype": "float32",
+    }
+    output = _merge_and_generate(tmp_path, config)
+    assert json.loads((output / "config.json").read_text())["num_hidden_layers"] == 5
+
+
+def test_merge_layer_path_config(tmp_path, tiny_family):
+    base, ft1 = tiny_family[:2]
+    config = {
+        "merge_method": "dfs",
+        "embed_model": str(base),
+        "layer_path": [
+            {"model": str(base), "layer": 0},
+            {"model": str(ft1), "layer": 1, "scale": 0.8},
+            {"model": str(ft1), "layer": 1, "scale": 1.25},
+            {"model": str(base), "layer": 3},
+        ],
+    }
+    output = _merge_and_generate(tmp_path, config)
+    assert json.loads((output / "config.json").read_text())["num_hidden_layers"] == 4
