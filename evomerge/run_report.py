@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pandas as pd
+import yaml
 
 if TYPE_CHECKING:
     from evomerge.tournament import TournamentResult, _Tournament
@@ -43,7 +44,8 @@ def write_run_report(tournament: "_Tournament", result: "TournamentResult") -> d
     generations = ledger.generations(result.run_id)
     if len(generations):
         timings["generation_seconds"] = round(float(generations["wall_seconds"].sum()), 1)
-    return write_report(
+    mergekit_config = mergekit_config_for(tournament, result.best_recipe)
+    files = write_report(
         result.output_dir,
         run_id=result.run_id,
         generations=generations,
@@ -51,11 +53,17 @@ def write_run_report(tournament: "_Tournament", result: "TournamentResult") -> d
         lineage=ledger.lineage(result.run_id),
         comparison=comparison,
         best_recipe=result.best_recipe or {},
-        mergekit_config=mergekit_config_for(tournament, result.best_recipe),
+        mergekit_config=mergekit_config,
         settings=tournament.config.model_dump(mode="json"),
         timings=timings,
         heldout=heldout,
     )
+    if mergekit_config:
+        # The best recipe as a config that `python -m evomerge.cli --merge` and mergekit's own CLI read.
+        path = Path(result.output_dir) / "best_merge.yaml"
+        path.write_text(yaml.safe_dump(mergekit_config, sort_keys=False), encoding="utf-8")
+        files["best_merge_config"] = path
+    return files
 
 
 def final_summary_markdown(tournament: "_Tournament", result: "TournamentResult") -> str:

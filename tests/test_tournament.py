@@ -147,3 +147,39 @@ def test_device_lease_without_cuda(monkeypatch):
         assert device == "cpu"
     with lease_device("cuda:3") as device:
         assert device == "cuda:3"
+
+
+def test_best_merge_config_reproduces_best(tiny_root, tmp_path):
+    from safetensors.torch import load_file
+
+    from evomerge.merge.engine import merge_from_config
+
+    config = _config(tiny_root, "reproduce", generations=1, population_size=3)
+    result = run_tournament(config, run_id="reproduce")
+    config_path = result.files["best_merge_config"]
+
+    rebuilt = merge_from_config(config_path, tmp_path / "rebuilt")
+
+    original = load_file(result.best_path / "model.safetensors")
+    again = load_file(rebuilt / "model.safetensors")
+    assert original.keys() == again.keys()
+    for name in original:
+        assert (original[name] - again[name]).abs().max().item() == 0.0, name
+
+
+def test_use_cli_downloads_hub_models(tmp_path, monkeypatch, tiny_family):
+    from evomerge.cli import download_with_hf_cli
+
+    calls = tmp_path / "calls.txt"
+    fake = tmp_path / "bin" / "hf"
+    fake.parent.mkdir()
+    fake.write_text(f"#!/bin/sh\necho \"$@\" >> {calls}\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake.parent}:{__import__('os').environ['PATH']}")
+    config = create_tiny_config(tmp_path / "tiny")
+    models = [config.models[0], ModelReference(name="hub", path="HuggingFaceTB/SmolLM2-135M", revision="main")]
+    config = config.model_copy(update={"models": models})
+
+    download_with_hf_cli(config)
+
+    assert calls.read_text().splitlines() == ["download HuggingFaceTB/SmolLM2-135M --revision main"]
