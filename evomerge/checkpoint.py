@@ -725,6 +725,29 @@ def _fsync_directory(path: Path) -> None:
         os.close(descriptor)
 
 
+def _sort_header_metadata(path: Path) -> None:
+    """Rewrite the ``__metadata__`` of a safetensors header in sorted key order, in place.
+
+    safetensors 0.8 writes metadata keys in hash-map order, which changes from
+    one save to the next. Two builds of one candidate must give identical
+    bytes, because concurrent writers of one key in a remote store may each
+    upload some of the files.
+    """
+    with open(path, "r+b") as handle:
+        length = int.from_bytes(handle.read(8), "little")
+        raw = handle.read(length)
+        header = json.loads(raw)
+        metadata = header.pop("__metadata__", None)
+        if not metadata:
+            return
+        ordered = {"__metadata__": dict(sorted(metadata.items())), **header}
+        encoded = json.dumps(ordered, separators=(",", ":")).encode()
+        if len(encoded) > length:
+            raise CheckpointError(f"{path}: the sorted safetensors header is longer than the original; cannot rewrite it")
+        handle.seek(8)
+        handle.write(encoded + b" " * (length - len(encoded)))
+
+
 class CheckpointWriter:
     """Streaming writer of a safetensors model folder, published atomically.
 
@@ -862,6 +885,7 @@ class CheckpointWriter:
         file_name = f"shard-{len(self._shard_files) + 1:05d}.safetensors"
         path = self.temp_dir / file_name
         save_file(self._pending, str(path), metadata={"format": "pt", **(metadata or {})})
+        _sort_header_metadata(path)
         _fsync_file(path)
         logger.debug("Wrote %s: %d tensors, %d bytes", path, len(self._pending), self._pending_bytes)
 

@@ -78,6 +78,12 @@ def build_parser() -> argparse.ArgumentParser:
     options.add_argument("--output-dir", metavar="DIR", help="folder for run charts and the report")
     options.add_argument("--seed", type=int, help="random seed of the search")
     options.add_argument("--run-id", help="run id for --run; an existing id resumes that run")
+    options.add_argument(
+        "--task-runner",
+        choices=("thread", "dask", "ray"),
+        help="where --run executes merges and evaluations: threads here, a Dask or a Ray cluster (default: runner.task_runner)",
+    )
+    options.add_argument("--address", help="scheduler address of an existing Dask or Ray cluster for --run (default: runner.address)")
     options.add_argument("--verbose", action="store_true", help="log DEBUG messages on the console")
     options.add_argument("--log-file", default="evomerge.log", help="rotating log file (default evomerge.log)")
     return parser
@@ -99,6 +105,8 @@ def chosen_action(args: argparse.Namespace) -> str:
         raise UsageError("--merge needs --output DIR for the merged model")
     if any(getattr(args, f"model{i}") for i in (1, 2, 3)) and action != "run":
         raise UsageError("--model1/--model2/--model3 only go with --run")
+    if (args.task_runner or args.address) and action != "run":
+        raise UsageError("--task-runner and --address only go with --run")
     if (args.eval_text or args.json) and action != "evaluate":
         raise UsageError("--eval-text and --json only go with --evaluate")
     return action
@@ -167,6 +175,10 @@ def load_run_config(args: argparse.Namespace):
         config.evolution.seed = args.seed
     if args.output_dir:
         config.output_dir = args.output_dir
+    if args.task_runner or args.address:
+        from flows.runners import apply_runner_overrides
+
+        config = apply_runner_overrides(config, args.task_runner, args.address)
     return config
 
 

@@ -142,12 +142,19 @@ class EvaluationSettings(_Section):
         file_hashes: dict[str, str] = {}
         for group in ("search_texts", "heldout_texts", "task_files", "heldout_task_files"):
             for entry in payload[group]:
-                path = Path(entry)
-                if len(entry) < 4096 and path.is_file():
-                    file_hashes[entry] = hashlib.sha256(path.read_bytes()).hexdigest()
+                if _is_file(entry):
+                    file_hashes[entry] = hashlib.sha256(Path(entry).read_bytes()).hexdigest()
         payload["_file_hashes"] = file_hashes
         encoded = json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()
         return hashlib.sha256(encoded).hexdigest()[:16]
+
+
+def _is_file(entry: str) -> bool:
+    """Return whether ``entry`` names an existing file; literal texts too long for a path are not files."""
+    try:
+        return Path(entry).is_file()
+    except OSError:  # ENAMETOOLONG for a long literal text
+        return False
 
 
 class StorageSettings(_Section):

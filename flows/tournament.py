@@ -19,11 +19,13 @@ os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
 
 import argparse  # noqa: E402
+import contextlib  # noqa: E402
 import re  # noqa: E402
 import sys  # noqa: E402
 from typing import Any  # noqa: E402
 
 from prefect import flow, get_run_logger  # noqa: E402
+from prefect.context import FlowRunContext  # noqa: E402
 from prefect.futures import as_completed  # noqa: E402
 from prefect.artifacts import (  # noqa: E402
     create_markdown_artifact,
@@ -37,6 +39,13 @@ from evomerge.config import Configuration, RunnerSettings, config_from_dict, loa
 from evomerge.jobs import BuildJob, BuildResult, EvaluationJob, open_store  # noqa: E402
 from evomerge.progress import show_progress  # noqa: E402
 from evomerge.tournament import GenerationReport, TournamentResult, run_tournament  # noqa: E402
+from flows.runners import (  # noqa: E402
+    TASK_RUNNERS,
+    apply_runner_overrides,
+    gpu_request,
+    make_distributed_task_runner,
+    task_runner_matches,
+)
 from tasks.evaluate import evaluate_candidate_task  # noqa: E402
 from tasks.merge import merge_candidate  # noqa: E402
 
@@ -48,10 +57,15 @@ def artifact_key(*parts: str) -> str:
 
 
 class PrefectExecutor:
-    """Map the generation's jobs onto Prefect tasks and publish artifacts."""
+    """Map the generation's jobs onto Prefect tasks and publish artifacts.
 
-    def __init__(self, config: Configuration):
+    ``task_runner`` is a started task runner to submit to. With ``None`` the
+    executor submits to the flow's own task runner.
+    """
+
+    def __init__(self, config: Configuration, task_runner=None):
         self.config = config
+        self.task_runner = task_runner
         self.store = open_store(config.storage)
         self.progress_id = None
         runner = config.runner
@@ -68,13 +82,21 @@ class PrefectExecutor:
             # bucket lifecycle rules): rebuild instead of trusting the cache.
             if not self.store.exists(job.key):
                 task = task.with_options(refresh_cache=True)
-            futures.append(task.submit(job))
+            futures.append(self._submit(task, job))
         return _results(futures, "merges")
 
     def evaluate(self, jobs: list[EvaluationJob]) -> list[Any]:
         if not jobs:
             return []
-        return _results(self.evaluate_task.map(jobs), "evaluations")
+        futures = [self._submit(self.evaluate_task, job) for job in jobs]
+        return _results(futures, "evaluations")
+
+    def _submit(self, task, job):
+        """Submit ``task(job)`` with the configured GPU request and return its future."""
+        with gpu_request(self.config.runner):
+            if self.task_runner is None:
+                return task.submit(job)
+            return self.task_runner.submit(task, {"job": job})
 
     def publish_generation(self, report: GenerationReport) -> None:
         from evomerge.charts import generation_markdown
@@ -152,8 +174,6 @@ def make_task_runner(runner: RunnerSettings):
     """Return the Prefect task runner that ``runner`` selects."""
     if runner.task_runner == "thread":
         return ThreadPoolTaskRunner(max_workers=runner.max_workers)
-    from flows.runners import make_distributed_task_runner
-
     return make_distributed_task_runner(runner)
 
 
@@ -165,7 +185,12 @@ def tournament(config: str | dict[str, Any] | None = None, run_id: str | None = 
     default configuration. A ``run_id`` that already exists resumes that run.
     """
     configuration = resolve_config(config)
-    result = run_tournament(configuration, PrefectExecutor(configuration), run_id=run_id)
+    with contextlib.ExitStack() as stack:
+        # A deployed flow starts with the decorator's task runner, so the configured one is opened here.
+        task_runner = None
+        if not task_runner_matches(FlowRunContext.get().task_runner, configuration.runner):
+            task_runner = stack.enter_context(make_task_runner(configuration.runner))
+        result = run_tournament(configuration, PrefectExecutor(configuration, task_runner), run_id=run_id)
     return {
         "run_id": result.run_id,
         "best_key": result.best_key,
@@ -178,16 +203,19 @@ def tournament(config: str | dict[str, Any] | None = None, run_id: str | None = 
 
 
 def run_flow(config: str | dict | Configuration | None = None, run_id: str | None = None) -> dict[str, Any]:
-    """Run the flow in this process with the task runner the configuration selects."""
+    """Run the flow in this process. Its tasks run on the task runner that the configuration selects."""
     configuration = resolve_config(config)
-    runner = make_task_runner(configuration.runner)
-    return tournament.with_options(task_runner=runner)(config=configuration.model_dump(mode="json"), run_id=run_id)
+    return tournament(config=configuration.model_dump(mode="json"), run_id=run_id)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Run an EvoMerge tournament as a local Prefect flow.")
     parser.add_argument("--config", help="YAML configuration file (default: the built-in configuration)")
     parser.add_argument("--run-id", help="run id; an existing id resumes that run")
+    parser.add_argument(
+        "--task-runner", choices=TASK_RUNNERS, help="where tasks run: threads here, a Dask or a Ray cluster (default: runner.task_runner)"
+    )
+    parser.add_argument("--address", help="scheduler address of an existing Dask or Ray cluster (default: runner.address)")
     parser.add_argument("--verbose", action="store_true", help="log DEBUG messages on the console")
     args = parser.parse_args(argv)
 
@@ -197,7 +225,8 @@ def main(argv: list[str] | None = None) -> int:
 
     setup_logging(verbose=args.verbose)
     try:
-        summary = run_flow(args.config, run_id=args.run_id)
+        configuration = apply_runner_overrides(resolve_config(args.config), args.task_runner, args.address)
+        summary = run_flow(configuration, run_id=args.run_id)
     except EvoMergeException as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

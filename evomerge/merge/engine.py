@@ -46,7 +46,6 @@ not depend on the order in which tensors are merged.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import time
@@ -405,10 +404,9 @@ def _write_merge(spec: MergeSpec, plan: _Plan, output_dir: Path, options: MergeO
         config["tie_word_embeddings"] = False
 
     side_files_from = (plan.token_model or plan.reference).reader.path
-    metadata = {
-        "merge_method": plan.method.name,
-        "merge_spec": json.dumps(spec.model_dump(mode="json", exclude_none=True), sort_keys=True),
-    }
+    # Only host-independent facts go into the header: two builds of one recipe
+    # from differently located inputs must write identical bytes.
+    metadata = {"merge_method": plan.method.name}
 
     with CheckpointWriter(output_dir, max_shard_bytes=options.max_shard_bytes, dtype=out_dtype) as writer:
         for name in plan.output_names:
