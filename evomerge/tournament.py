@@ -111,6 +111,19 @@ class ThreadExecutor:
         logger.info("run %s finished: best %s at %s", result.run_id, result.best_key, result.best_path)
 
 
+SECRET_OPTION_WORDS = ("key", "secret", "token", "password", "credential")
+
+
+def redacted_config(config: Configuration) -> dict[str, Any]:
+    """Return the configuration as JSON data with secret-looking storage options replaced by ``***``."""
+    data = config.model_dump(mode="json")
+    options = data["storage"]["storage_options"]
+    for name in list(options):
+        if any(word in name.lower() for word in SECRET_OPTION_WORDS):
+            options[name] = "***"
+    return data
+
+
 def new_run_id() -> str:
     """Return a sortable run id such as ``20261204-201500-1a2b3c``."""
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S")
@@ -429,7 +442,7 @@ def run_tournament(config: Configuration, executor: Executor | None = None, *, r
         model_info = tournament.inspect_models()
         new_run = tournament.ledger.start_run(
             tournament.run_id,
-            config.model_dump(mode="json"),
+            redacted_config(config),
             strategy=config.evolution.strategy,
             seed=config.evolution.seed,
         )

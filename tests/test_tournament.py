@@ -183,3 +183,20 @@ def test_use_cli_downloads_hub_models(tmp_path, monkeypatch, tiny_family):
     download_with_hf_cli(config)
 
     assert calls.read_text().splitlines() == ["download HuggingFaceTB/SmolLM2-135M --revision main"]
+
+
+def test_ledger_config_hides_store_secrets(tiny_root):
+    import json as json_module
+
+    config = _config(tiny_root, "secrets", generations=1, population_size=2)
+    config.storage.storage_options = {"key": "AKIA-EXAMPLE", "secret": "hunter2", "client_kwargs": {"region_name": "x"}}
+    store_root = Path(config.storage.state_dir) / "store"
+    config.storage.store_url = str(store_root)
+    run_tournament(config, run_id="secrets")
+
+    with duckdb.connect(str(config.storage.resolved_ledger_path()), read_only=True) as connection:
+        stored = connection.execute("select config from runs").fetchone()[0]
+    options = json_module.loads(stored)["storage"]["storage_options"]
+    assert options["key"] == "***"
+    assert options["secret"] == "***"
+    assert "hunter2" not in stored
