@@ -60,7 +60,7 @@ def prepare_models(
     lr: float = 5e-5,
     seed: int = 0,
     domains: list[str] | None = None,
-    train_layers: int | None = 6,
+    train_layers: int | None = None,
 ) -> dict:
     """Prepare the SmolLM2 family and its tournament configuration in ``work_dir``."""
     logger = get_run_logger()
@@ -86,7 +86,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lr", type=float, default=5e-5, help="AdamW learning rate.")
     parser.add_argument("--seed", type=int, default=0, help="Seed of the training windows.")
     parser.add_argument("--domains", nargs="+", default=list(DOMAINS), choices=DOMAINS, help="Specialist domains.")
-    parser.add_argument("--train-layers", type=int, default=6, help="Train only the last N decoder layers; 0 trains all.")
+    parser.add_argument(
+        "--train-layers", type=int, default=None,
+        help="Train only the last N decoder layers in every domain; 0 trains all (default: 6 for python and prose, all for arithmetic).",
+    )
     args = parser.parse_args(argv)
 
     summary = prepare_models(
@@ -95,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         lr=args.lr,
         seed=args.seed,
         domains=args.domains,
-        train_layers=args.train_layers or None,
+        train_layers=args.train_layers,
     )
     return 0 if "config" in summary else 1
 
