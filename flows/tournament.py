@@ -21,6 +21,7 @@ os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
 import argparse  # noqa: E402
 import contextlib  # noqa: E402
 import re  # noqa: E402
+from pathlib import Path  # noqa: E402
 import sys  # noqa: E402
 from typing import Any  # noqa: E402
 
@@ -208,6 +209,22 @@ def run_flow(config: str | dict | Configuration | None = None, run_id: str | Non
     return tournament(config=configuration.model_dump(mode="json"), run_id=run_id)
 
 
+def prepare_default_family() -> str:
+    """Prepare the default SmolLM2 family with its own flow (cached after the first run); return its config path."""
+    from evomerge.defaults import DEFAULT_STATE_DIR
+    from evomerge.exceptions import ConfigError
+    from flows.prepare_models import prepare_models
+
+    work_dir = Path(DEFAULT_STATE_DIR).absolute() / "family"
+    summary = prepare_models(work_dir=str(work_dir))
+    if "config" not in summary:
+        raise ConfigError(
+            f"no specialist in {work_dir} beat the base model on its own domain, so there is nothing to merge: "
+            "see family.json there, or run a tournament with --config"
+        )
+    return summary["config"]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Run an EvoMerge tournament as a local Prefect flow.")
     parser.add_argument("--config", help="YAML configuration file (default: the built-in configuration)")
@@ -225,7 +242,8 @@ def main(argv: list[str] | None = None) -> int:
 
     setup_logging(verbose=args.verbose)
     try:
-        configuration = apply_runner_overrides(resolve_config(args.config), args.task_runner, args.address)
+        config_source = args.config or prepare_default_family()
+        configuration = apply_runner_overrides(resolve_config(config_source), args.task_runner, args.address)
         summary = run_flow(configuration, run_id=args.run_id)
     except EvoMergeException as error:
         print(f"error: {error}", file=sys.stderr)
