@@ -5,7 +5,7 @@
 #   PREFECT_API_URL=http://SERVER:4200/api bash deployments/setup.sh [GPUS_PER_HOST]
 #
 # The limit bounds how many merge and evaluation tasks (tagged `gpu`) run at
-# once across all workers; set it to the number of GPUs per host times hosts.
+# once across all workers. Set it to the number of GPUs per host times hosts.
 set -euo pipefail
 
 gpus=${1:-${GPUS_PER_HOST:-1}}

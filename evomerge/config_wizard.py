@@ -1,7 +1,7 @@
 """The interactive configuration generator behind ``--generate-config``.
 
-Every question shows its default in brackets; an empty answer takes it. An
-invalid answer is explained and asked again, up to ``MAX_ATTEMPTS`` times.
+Every question shows its default in brackets, and an empty reply takes it. An
+invalid reply is explained and the question repeated, up to ``MAX_ATTEMPTS`` times.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The exception family raised for bad input and failed work.
 
-Every message names the offending value and says how to fix it, so a user can
-act on it without reading the code.
+Every message names the offending value and the fix, so a user can act on it
+without reading the code.
 """
 
 

@@ -15,7 +15,7 @@ logger = logging.getLogger(__name__)
 def show_progress(items: Iterable[Item], total: int, description: str) -> Iterator[Item]:
     """Yield ``items``, showing ``description`` and the count done.
 
-    On a terminal this is a tqdm bar on standard error; in a pipe, a file or
+    On a terminal this is a tqdm bar on standard error. In a pipe, a file or
     a Prefect worker it logs one INFO line per finished item instead.
     """
     if total == 0:

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Install EvoMerge into the active Python environment, with the torch build
-# that fits this machine: CUDA where `nvidia-smi` sees a GPU, CPU elsewhere.
+# that fits this machine: CUDA where `nvidia-smi` lists a GPU, CPU elsewhere.
 #
 #   bash scripts/install.sh          # the package
 #   bash scripts/install.sh dev      # the package and the test dependencies

@@ -1,4 +1,4 @@
-"""What the merge and evaluation tasks share: retry rule and result storage."""
+"""The retry rule shared by the merge and evaluation tasks."""
 
 from __future__ import annotations
 

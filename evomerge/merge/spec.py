@@ -116,7 +116,7 @@ def spec_from_dict(data: dict[str, Any], source: str = "<dict>") -> MergeSpec:
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: a merge config must be a mapping, got {type(data).__name__}")
     data = dict(data)
-    # mergekit spells the method 'merge_method'; EvoMerge recipes may say 'method'.
+    # mergekit names the method 'merge_method'. EvoMerge recipes may use 'method' instead.
     if "method" in data and "merge_method" not in data:
         data["merge_method"] = data.pop("method")
     # mergekit allows a bare model string in 'models'.
