@@ -28,6 +28,7 @@ import logging
 import math
 import os
 import queue
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -245,6 +246,9 @@ def _parse_task_row(path: Path, number: int, row: dict) -> TaskItem:
 # Model loading
 
 
+_LOAD_LOCK = threading.Lock()
+
+
 def load_model_for_evaluation(model_path: str | os.PathLike, device, dtype: str | torch.dtype = "auto"):
     """Load a causal LM and its tokenizer for inference on ``device``.
 
@@ -265,14 +269,18 @@ def load_model_for_evaluation(model_path: str | os.PathLike, device, dtype: str 
 
     device = torch.device(device)
     torch_dtype = dtype if isinstance(dtype, torch.dtype) else select_dtype(device, dtype)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError) as error:
-        raise EvaluationError(f"tokenizer in {str(path)!r} cannot be loaded: {error}") from None
-    try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
-    except (OSError, ValueError, RuntimeError, SafetensorError) as error:
-        raise CheckpointError(f"checkpoint {str(path)!r} cannot be loaded: {error}") from None
+    # transformers 5.25 is not thread-safe while loading: two concurrent
+    # from_pretrained calls can leave a tied lm_head on the meta device
+    # ("Cannot copy out of meta tensor"). Loading is short next to scoring.
+    with _LOAD_LOCK:
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(path)
+        except (OSError, ValueError) as error:
+            raise EvaluationError(f"tokenizer in {str(path)!r} cannot be loaded: {error}") from None
+        try:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
+        except (OSError, ValueError, RuntimeError, SafetensorError) as error:
+            raise CheckpointError(f"checkpoint {str(path)!r} cannot be loaded: {error}") from None
 
     embedding_rows = model.get_input_embeddings().weight.shape[0]
     if len(tokenizer) > embedding_rows:
