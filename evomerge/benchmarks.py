@@ -1295,12 +1295,66 @@ def build_parser() -> argparse.ArgumentParser:
         "--candidate-texts", type=_positive_int, default=1, help="texts each candidate is evaluated on"
     )
     evaluate.add_argument("--workers", type=_positive_int, default=2, help="workers of parallel_evaluate_models")
+
+    orchestration = subcommands.add_parser(
+        "orchestration", help="Prefect's share of a small tournament, and a fully cached re-run"
+    )
+    orchestration.add_argument("--hidden-size", type=_positive_int, default=256, help="hidden size of the models")
+    orchestration.add_argument("--layers", type=_positive_int, default=8, help="decoder layers of the models")
+    orchestration.add_argument("--generations", type=_positive_int, default=3, help="generations of the tournament")
+    orchestration.add_argument("--population", type=_positive_int, default=6, help="candidates per generation")
+
+    scaleout = subcommands.add_parser("scaleout", help="evaluations on one against two Dask worker processes")
+    scaleout.add_argument("--models", type=_positive_int, default=4, help="models to evaluate")
+    scaleout.add_argument("--workers", default="1,2", help="comma-separated worker process counts (default 1,2)")
+    scaleout.add_argument("--hidden-size", type=_positive_int, default=512, help="hidden size of the models")
+    scaleout.add_argument("--repeats", type=_positive_int, default=3, help="timed rounds per cluster size; the fastest counts")
     return parser
+
+
+def benchmark_orchestration(args: argparse.Namespace) -> tuple[str, str]:
+    """Time the tournament with and without Prefect and a cached re-run; return summary and record."""
+    from evomerge.orchestration_benchmark import format_orchestration, measure_orchestration
+
+    size = {"hidden_size": 64, "num_layers": 2, "generations": 1, "population_size": 2} if args.quick else {
+        "hidden_size": args.hidden_size,
+        "num_layers": args.layers,
+        "generations": args.generations,
+        "population_size": args.population,
+    }
+    table = format_orchestration(measure_orchestration(**size))
+    notes = [
+        "A trivial flow runs first, so the one-off start of Prefect's temporary API server is reported on its own "
+        "and is not part of the first flow run.",
+        "",
+    ]
+    return table + "\n", record_header("Orchestration overhead", args, notes) + "\n" + table + "\n"
+
+
+def benchmark_scaleout(args: argparse.Namespace) -> tuple[str, str]:
+    """Time evaluations on Dask clusters of each worker count; return summary and record."""
+    import tempfile
+
+    from evomerge.scaleout_benchmark import markdown_section, run_scaleout_benchmark
+
+    try:
+        worker_counts = tuple(int(part) for part in args.workers.split(","))
+    except ValueError:
+        raise SystemExit(f"--workers {args.workers!r} is invalid: give comma-separated integers such as 1,2") from None
+    models, hidden_size, repeats = (2, 64, 1) if args.quick else (args.models, args.hidden_size, args.repeats)
+    with tempfile.TemporaryDirectory(prefix="evomerge-scaleout-") as root:
+        result = run_scaleout_benchmark(
+            Path(root), models=models, worker_counts=worker_counts, hidden_size=hidden_size, repeats=repeats
+        )
+    table = markdown_section(result, invoked_command(args.argv))
+    return table, record_header("Scale-out: one against two workers", args, []) + "\n" + table
 
 
 def _fill_defaults(args: argparse.Namespace) -> None:
     """Set the options whose default depends on --quick."""
     quick = args.quick
+    if args.subcommand in ("orchestration", "scaleout"):
+        return
     if args.subcommand == "merge":
         if args.scaling_layers is None:
             args.scaling_layers = [2, 4] if quick else [16, 32]
@@ -1324,6 +1378,9 @@ def main(argv: list[str] | None = None) -> int:
     """Run one benchmark subcommand, print its table and update its section of the record file."""
     from evomerge.logging_config import setup_logging
 
+    # The orchestration and scale-out benchmarks start Prefect and Dask: no telemetry.
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("DO_NOT_TRACK", "1")
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     args.argv = argv
@@ -1336,6 +1393,10 @@ def main(argv: list[str] | None = None) -> int:
         summary, body = record_merge(benchmark_merge(args), args)
     elif args.subcommand == "evaluate":
         summary, body = record_evaluate(benchmark_evaluate(args), args)
+    elif args.subcommand == "orchestration":
+        summary, body = benchmark_orchestration(args)
+    elif args.subcommand == "scaleout":
+        summary, body = benchmark_scaleout(args)
     else:
         summary, body = benchmark_gpu(args)
 
