@@ -725,6 +725,11 @@ def _fsync_directory(path: Path) -> None:
         os.close(descriptor)
 
 
+# Shards of 256 MiB keep a merge's memory bounded by one shard rather than by
+# the model size, because the writer holds the pending shard in memory.
+DEFAULT_MAX_SHARD_BYTES = 256 * 1024**2
+
+
 def _sort_header_metadata(path: Path) -> None:
     """Rewrite the ``__metadata__`` of a safetensors header in sorted key order, in place.
 
@@ -768,7 +773,7 @@ class CheckpointWriter:
         self,
         output_dir: str | os.PathLike,
         *,
-        max_shard_bytes: int = 2 * 1024**3,
+        max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
         dtype: torch.dtype | None = None,
         overwrite: bool = False,
     ) -> None:

@@ -55,7 +55,11 @@ class MergeSettings(_Section):
     dtype: Literal["float32", "float16", "bfloat16"] = Field(
         default="float32", description="Dtype of the written checkpoints."
     )
-    max_shard_bytes: int = Field(default=2 * 1024**3, gt=0, description="Maximum size of one safetensors shard, in bytes.")
+    max_shard_bytes: int = Field(
+        default=256 * 1024**2,
+        gt=0,
+        description="Maximum size of one safetensors shard, in bytes; a merge holds one pending shard in memory.",
+    )
     tokenizer_source: str = Field(
         default="base",
         description="'base' keeps the base model's vocabulary, 'union' keeps extra rows from models that have them.",

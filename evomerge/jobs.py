@@ -15,6 +15,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from evomerge.checkpoint import DEFAULT_MAX_SHARD_BYTES
 from evomerge.config import EvaluationSettings, StorageSettings
 from evomerge.exceptions import EvoMergeException
 from evomerge.store import CheckpointRef, CheckpointStore
@@ -48,7 +49,7 @@ class BuildJob(BaseModel):
     # "model:NAME" -> local folder or Hub id; "candidate:KEY" inputs resolve through the store.
     model_paths: dict[str, str]
     storage: StorageSettings
-    max_shard_bytes: int = 2 * 1024**3
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES
     allow_pickle: bool = False
     out_dtype: str | None = None
     device: str = "cpu"

@@ -56,7 +56,7 @@ from typing import Any, Callable
 
 import torch
 
-from evomerge.checkpoint import CheckpointReader, CheckpointWriter
+from evomerge.checkpoint import DEFAULT_MAX_SHARD_BYTES, CheckpointReader, CheckpointWriter
 from evomerge.exceptions import ConfigError, IncompatibleModelsError, MergeError
 from evomerge.merge.parameters import layer_index, resolve_parameters
 from evomerge.merge.registry import MergeMethod, get_method
@@ -76,7 +76,7 @@ class MergeOptions:
     ``trust_remote_code`` is passed on to layer methods, because parameter merges run no model code.
     """
 
-    max_shard_bytes: int = 2 * 1024**3
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES
     allow_pickle: bool = False
     trust_remote_code: bool = False
     device: str = "cpu"
