@@ -333,7 +333,9 @@ def _best_metric_panels(
         .mark_line(point=True, color=SERIES_COLORS[SERIES_BEST])
         .encode(
             x=alt.X("generation:Q", scale=x_scale, axis=_generation_axis()),
-            y=alt.Y("value:Q", title="Metric value", scale=alt.Scale(zero=False)),
+            # An explicit format: a constant series has a zero-width domain, and
+            # Vega's default tick format then rounds 0.5417 to "1".
+            y=alt.Y("value:Q", title="Metric value", scale=alt.Scale(zero=False), axis=alt.Axis(format=".4~g")),
             tooltip=[
                 alt.Tooltip("generation:Q"),
                 alt.Tooltip("metric:N"),

@@ -23,14 +23,15 @@ def format_summary(summary: dict[str, Any]) -> str:
         names = list(dict.fromkeys(row["name"] for row in split_rows))
         values = {(row["name"], row["metric"]): row["value"] for row in split_rows}
         width = max(len(name) for name in names) + 2
+        columns = [max(12, len(metric)) + 2 for metric in metrics]
         lines.append("")
         lines.append(f"Scores on the {split} split (fitness: higher is better):")
-        lines.append("  " + "model".ljust(width) + "".join(metric.rjust(16) for metric in metrics))
+        lines.append("  " + "model".ljust(width) + "".join(m.rjust(c) for m, c in zip(metrics, columns)))
         for name in names:
             cells = []
-            for metric in metrics:
+            for metric, column in zip(metrics, columns):
                 value = values.get((name, metric))
-                cells.append(("failed" if value is None else f"{value:.4f}").rjust(16))
+                cells.append(("failed" if value is None else f"{value:.4f}").rjust(column))
             lines.append("  " + name.ljust(width) + "".join(cells))
 
     files = summary.get("files") or {}
