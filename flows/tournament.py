@@ -171,6 +171,23 @@ def resolve_config(config: str | dict | Configuration | None) -> Configuration:
     return load_config(config)
 
 
+def apply_overrides(config: Configuration, overrides: dict[str, Any] | None) -> Configuration:
+    """Return ``config`` with the nested mapping ``overrides`` merged over it, validated again."""
+    if not overrides:
+        return config
+
+    def merge(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
+        merged = dict(base)
+        for key, value in changes.items():
+            if isinstance(value, dict) and isinstance(merged.get(key), dict):
+                merged[key] = merge(merged[key], value)
+            else:
+                merged[key] = value
+        return merged
+
+    return config_from_dict(merge(config.model_dump(mode="json"), overrides), source="flow parameter 'overrides'")
+
+
 def make_task_runner(runner: RunnerSettings):
     """Return the Prefect task runner that ``runner`` selects."""
     if runner.task_runner == "thread":
@@ -179,13 +196,20 @@ def make_task_runner(runner: RunnerSettings):
 
 
 @flow(name="evomerge", task_runner=ThreadPoolTaskRunner(max_workers=2))
-def tournament(config: str | dict[str, Any] | None = None, run_id: str | None = None) -> dict[str, Any]:
+def tournament(
+    config: str | dict[str, Any] | None = None,
+    run_id: str | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """Run an evolutionary merge tournament and return a summary of the best candidate.
 
     ``config`` is a YAML path, a configuration mapping, or empty for the
-    default configuration. A ``run_id`` that already exists resumes that run.
+    default configuration. ``overrides`` is a nested mapping merged over it,
+    such as ``{"evolution": {"generations": 8}}``; a schedule in prefect.yaml
+    uses it to run a larger search than manual runs. A ``run_id`` that
+    already exists resumes that run.
     """
-    configuration = resolve_config(config)
+    configuration = apply_overrides(resolve_config(config), overrides)
     with contextlib.ExitStack() as stack:
         # A deployed flow starts with the decorator's task runner, so the configured one is opened here.
         task_runner = None

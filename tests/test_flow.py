@@ -117,3 +117,15 @@ def test_config_yaml_accepted_by_flow(prefect_harness, tiny_config, tmp_path):
 
     path = save_config(tiny_config, tmp_path / "tiny.yaml")
     assert resolve_config(str(path)) == tiny_config
+
+
+def test_overrides_merge_into_config(tiny_config):
+    from evomerge.exceptions import ConfigError
+    from flows.tournament import apply_overrides
+
+    changed = apply_overrides(tiny_config, {"evolution": {"generations": 7}, "runner": {"max_workers": 1}})
+    assert changed.evolution.generations == 7
+    assert changed.runner.max_workers == 1
+    assert changed.evolution.population_size == tiny_config.evolution.population_size
+    with pytest.raises(ConfigError, match="generatons"):
+        apply_overrides(tiny_config, {"evolution": {"generatons": 7}})
