@@ -114,12 +114,12 @@ class PrefectExecutor:
         create_markdown_artifact(
             key=artifact_key("evomerge-fitness", report.run_id),
             markdown=generation_markdown(report.run_id, report.generation, report.generations, report.candidates),
-            description=f"Fitness after generation {report.generation + 1} of run {report.run_id}",
+            description=f"Fitness up to generation {report.generation} (numbered from 0) of run {report.run_id}",
         )
         create_table_artifact(
             key=artifact_key("evomerge-generation", report.run_id),
             table=[_rounded_row(row) for row in report.rows],
-            description=f"Candidates of generation {report.generation + 1}",
+            description=f"Candidates of generation {report.generation} (numbered from 0) of run {report.run_id}",
         )
         progress = 100.0 * (report.generation + 1) / max(report.total_generations, 1)
         if self.progress_id is None:
