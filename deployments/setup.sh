@@ -2,13 +2,13 @@
 # Create what the evomerge deployment needs on a Prefect server: a process work
 # pool, its `gpu` work queue, and the `gpu` tag concurrency limit.
 #
-#   PREFECT_API_URL=http://SERVER:4200/api bash deployments/setup.sh [GPUS_PER_HOST]
+#   PREFECT_API_URL=http://SERVER:4200/api bash deployments/setup.sh [GPU_LIMIT]
 #
 # The limit bounds how many merge and evaluation tasks (tagged `gpu`) run at
 # once across all workers. Set it to the number of GPUs per host times hosts.
 set -euo pipefail
 
-gpus=${1:-${GPUS_PER_HOST:-1}}
+gpus=${1:-${EVOMERGE_GPU_LIMIT:-1}}
 pool=${EVOMERGE_WORK_POOL:-evomerge}
 
 export PREFECT_SERVER_ANALYTICS_ENABLED=false DO_NOT_TRACK=1

@@ -725,6 +725,10 @@ def _fsync_directory(path: Path) -> None:
         os.close(descriptor)
 
 
+# Read once at import: os.umask can only be read by setting it, which is not thread-safe.
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+
 # Shards of 256 MiB keep a merge's memory bounded by one shard rather than by
 # the model size, because the writer holds the pending shard in memory.
 DEFAULT_MAX_SHARD_BYTES = 256 * 1024**2
@@ -890,6 +894,8 @@ class CheckpointWriter:
         file_name = f"shard-{len(self._shard_files) + 1:05d}.safetensors"
         path = self.temp_dir / file_name
         save_file(self._pending, str(path), metadata={"format": "pt", **(metadata or {})})
+        # safetensors creates the file with mode 0600; give it the mode the other files get.
+        os.chmod(path, 0o666 & ~_UMASK)
         _sort_header_metadata(path)
         _fsync_file(path)
         logger.debug("Wrote %s: %d tensors, %d bytes", path, len(self._pending), self._pending_bytes)

@@ -61,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     actions.add_argument("--merge", metavar="CONFIG", help="run one merge from an EvoMerge or mergekit YAML")
     actions.add_argument("--report", metavar="RUN_ID", help="redraw the charts and HTML report of a past run")
 
-    options = parser.add_argument_group("options")
+    options = parser.add_argument_group("settings")
     options.add_argument("--config", metavar="FILE", help="tournament configuration YAML (--run, --report, --evaluate)")
     for index in (1, 2, 3):
         options.add_argument(
@@ -289,6 +289,8 @@ def main(argv: list[str] | None = None) -> int:
             value = getattr(args, option)
             if value and not Path(value).is_file():
                 raise UsageError(f"--{option} file not found: {value}")
+        if action == "merge" and Path(args.output).exists():
+            raise UsageError(f"--output {args.output} already exists: choose a new folder or delete that one")
         return COMMANDS[action](args)
     except (UsageError, ConfigError, CheckpointNotFoundError) as error:
         print(f"evomerge: error: {error}", file=sys.stderr)

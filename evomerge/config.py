@@ -280,8 +280,44 @@ def config_from_dict(data: dict[str, Any], source: str = "<dict>") -> Configurat
         raise ConfigError(format_validation_error(error, Configuration, source)) from None
 
 
+TEXT_FILE_FIELDS = ("search_texts", "heldout_texts", "task_files", "heldout_task_files")
+
+
+def _resolve_relative_paths(data: dict[str, Any], folder: Path) -> dict[str, Any]:
+    """Make model paths and evaluation files that exist relative to ``folder`` absolute.
+
+    Entries that do not exist there stay as written: Hub ids, literal texts,
+    and paths meant relative to the working directory.
+    """
+
+    def resolved(entry: Any) -> Any:
+        if not isinstance(entry, str) or Path(entry).is_absolute():
+            return entry
+        candidate = folder / entry
+        try:
+            exists = candidate.exists()
+        except OSError:  # a literal text too long to be a path
+            return entry
+        return str(candidate.resolve()) if exists else entry
+
+    for model in data.get("models") or []:
+        if isinstance(model, dict) and "path" in model:
+            model["path"] = resolved(model["path"])
+    evaluation = data.get("evaluation")
+    if isinstance(evaluation, dict):
+        for field in TEXT_FILE_FIELDS:
+            if isinstance(evaluation.get(field), list):
+                evaluation[field] = [resolved(entry) for entry in evaluation[field]]
+    return data
+
+
 def load_config(path: str | Path) -> Configuration:
-    """Read a YAML configuration file; relative paths inside it stay relative to the working directory."""
+    """Read a YAML configuration file.
+
+    Model folders and evaluation files are looked up relative to the file's
+    own folder first, so a configuration works from any working directory.
+    Storage paths stay relative to the working directory.
+    """
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"configuration file {str(path)!r} not found: check the path or create one with --generate-config")
@@ -289,6 +325,8 @@ def load_config(path: str | Path) -> Configuration:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as error:
         raise ConfigError(f"configuration file {str(path)!r} is not valid YAML: {error}") from None
+    if isinstance(data, dict):
+        data = _resolve_relative_paths(data, path.resolve().parent)
     return config_from_dict(data or {}, source=str(path))
 
 

@@ -11,6 +11,9 @@ def format_summary(summary: dict[str, Any]) -> str:
     if summary.get("best_path"):
         lines.append(f"Best model: {summary['best_path']}")
         lines.append(f"  key {summary['best_key']}, search fitness {summary['best_fitness']:.4f}")
+        note = compare_with_inputs(summary)
+        if note:
+            lines.append(note)
     else:
         lines.append("No candidate was built successfully; see evomerge.log for the reasons.")
 
@@ -41,6 +44,22 @@ def format_summary(summary: dict[str, Any]) -> str:
         for name, path in files.items():
             lines.append(f"  {name}: {path}")
     return "\n".join(lines)
+
+
+def compare_with_inputs(summary: dict[str, Any]) -> str | None:
+    """Return a line saying whether the best merge beat the best input model on the search split."""
+    rows = [row for row in summary.get("comparison") or [] if row["split"] == "search" and row["metric"] == "fitness"]
+    best = next((row["value"] for row in rows if row["name"] == "best merge"), None)
+    inputs = [row for row in rows if row["key"].startswith("input-") and row["value"] is not None]
+    if best is None or not inputs:
+        return None
+    top = max(inputs, key=lambda row: row["value"])
+    if best > top["value"]:
+        return f"  beats every input model on the search split (best input: {top['name']}, fitness {top['value']:.4f})"
+    return (
+        f"  NOTE: no merge beat the input model {top['name']} (fitness {top['value']:.4f}) on the search split; "
+        "try more generations or a larger population"
+    )
 
 
 def print_summary(summary: dict[str, Any]) -> None:

@@ -435,6 +435,13 @@ def run_tournament(config: Configuration, executor: Executor | None = None, *, r
     """Run a whole tournament with ``executor`` (a plain thread pool by default)."""
     from evomerge.evolution import make_strategy
 
+    from evomerge.evaluation import check_settings
+
+    # Missing text or task files fail every candidate alike: report them before any work.
+    check_settings(config.evaluation, "search")
+    if config.evaluation.heldout_texts or config.evaluation.heldout_task_files:
+        check_settings(config.evaluation, "heldout")
+
     started = time.perf_counter()
     executor = executor or ThreadExecutor(config.runner.max_workers)
     tournament = _Tournament(config, executor, run_id)

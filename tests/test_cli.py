@@ -227,3 +227,12 @@ def test_merge_layer_path_config(tmp_path, tiny_family):
     }
     output = _merge_and_generate(tmp_path, config)
     assert json.loads((output / "config.json").read_text())["num_hidden_layers"] == 4
+
+
+def test_merge_refuses_existing_output(tmp_path, tiny_family, capsys):
+    config_path = tmp_path / "merge.yml"
+    config_path.write_text(yaml.safe_dump({"merge_method": "linear", "models": [{"model": str(tiny_family[1])}, {"model": str(tiny_family[2])}]}))
+    (tmp_path / "out").mkdir()
+    code = main(["--merge", str(config_path), "--output", str(tmp_path / "out"), "--log-file", str(tmp_path / "log")])
+    assert code == EXIT_USAGE
+    assert "already exists" in capsys.readouterr().err

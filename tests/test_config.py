@@ -81,3 +81,25 @@ def test_settings_hash_follows_each_field():
 def test_settings_hash_long_literal_text():
     settings = EvaluationSettings(search_texts=["x" * 300, "y" * 5000])
     assert len(settings.canonical_hash()) == 16
+
+
+def test_relative_paths_follow_config_file(tmp_path, monkeypatch):
+    folder = tmp_path / "project"
+    (folder / "models" / "a").mkdir(parents=True)
+    (folder / "search.txt").write_text("some text")
+    path = folder / "config.yaml"
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "models": [{"name": "a", "path": "models/a"}, {"name": "hub", "path": "org/model"}],
+                "evaluation": {"search_texts": ["search.txt", "a literal sentence"]},
+            }
+        )
+    )
+    monkeypatch.chdir(tmp_path)
+
+    config = load_config(path)
+
+    assert config.models[0].path == str((folder / "models" / "a").resolve())
+    assert config.models[1].path == "org/model"
+    assert config.evaluation.search_texts == [str((folder / "search.txt").resolve()), "a literal sentence"]

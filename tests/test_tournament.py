@@ -200,3 +200,13 @@ def test_ledger_config_hides_store_secrets(tiny_root):
     assert options["key"] == "***"
     assert options["secret"] == "***"
     assert "hunter2" not in stored
+
+
+def test_missing_text_file_rejected_before_work(tiny_root):
+    from evomerge.exceptions import EvoMergeException
+
+    config = _config(tiny_root, "missing-text", generations=1, population_size=2)
+    config.evaluation.search_texts = [str(tiny_root / "absent.jsonl")]
+    with pytest.raises(EvoMergeException, match="absent.jsonl"):
+        run_tournament(config, run_id="missing-text")
+    assert not config.storage.resolved_ledger_path().exists()
