@@ -42,7 +42,7 @@ class ModelReference(_Section):
 
 
 class MergeSettings(_Section):
-    """How candidates are built."""
+    """Settings of candidate builds: merge methods, base model, output dtype and shards."""
 
     techniques: list[str] = Field(
         default_factory=lambda: ["linear", "slerp", "task_arithmetic", "ties", "dare_ties", "passthrough"],
@@ -69,7 +69,7 @@ class MergeSettings(_Section):
 
 
 class EvolutionSettings(_Section):
-    """How the search proposes and selects recipes."""
+    """Settings of the search: strategy, population, generations, mutation and selection."""
 
     strategy: Literal["tournament", "cmaes", "dfs"] = "tournament"
     population_size: int = Field(default=8, ge=2)
@@ -113,7 +113,7 @@ class EvolutionSettings(_Section):
 
 
 class EvaluationSettings(_Section):
-    """How candidates are scored. Its canonical hash is part of every evaluation key."""
+    """Settings of candidate scoring; their canonical hash is part of every evaluation key."""
 
     search_texts: list[str] = Field(
         default_factory=list,
@@ -162,7 +162,7 @@ def _is_file(entry: str) -> bool:
 
 
 class StorageSettings(_Section):
-    """Where checkpoints, the ledger and run outputs live."""
+    """Locations of the checkpoint store, the ledger, the local cache and run outputs."""
 
     state_dir: str = Field(default=".evomerge", description="Project state folder for the default store and ledger.")
     store_url: str | None = Field(
@@ -193,7 +193,7 @@ class StorageSettings(_Section):
 
 
 class RunnerSettings(_Section):
-    """Which Prefect task runner executes the merges and evaluations."""
+    """The Prefect task runner for merges and evaluations, and its limits."""
 
     task_runner: Literal["thread", "dask", "ray"] = "thread"
     max_workers: int = Field(default=2, ge=1, description="Concurrent merge or evaluation tasks.")
