@@ -45,6 +45,9 @@ not depend on the order in which tensors are merged.
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
+
 import hashlib
 import logging
 import os
@@ -409,9 +412,35 @@ def _write_merge(spec: MergeSpec, plan: _Plan, output_dir: Path, options: MergeO
     metadata = {"merge_method": plan.method.name}
 
     with CheckpointWriter(output_dir, max_shard_bytes=options.max_shard_bytes, dtype=out_dtype) as writer:
-        for name in plan.output_names:
-            writer.add_tensor(name, _merge_one(name, plan, options))
+        for name, merged in _merged_in_order(plan, options):
+            writer.add_tensor(name, merged)
         return writer.finalize(config=config, side_files_from=side_files_from, metadata=metadata)
+
+
+def _merged_in_order(plan: _Plan, options: MergeOptions):
+    """Yield ``(name, merged tensor)`` in output order, merging up to MERGE_THREADS names at once.
+
+    Many CPU kernels of a merge (``topk``, sorting, sign election) run on one
+    core, so merging the next tensor while the current one finishes uses the
+    other cores. At most MERGE_THREADS merged tensors wait in memory. Results
+    do not depend on the thread count, because random drops are seeded by
+    tensor name.
+    """
+    names = list(plan.output_names)
+    with concurrent.futures.ThreadPoolExecutor(max_workers=MERGE_THREADS) as pool:
+        pending: collections.deque = collections.deque()
+        for name in names:
+            pending.append((name, pool.submit(_merge_one, name, plan, options)))
+            if len(pending) >= MERGE_THREADS:
+                done_name, future = pending.popleft()
+                yield done_name, future.result()
+        while pending:
+            done_name, future = pending.popleft()
+            yield done_name, future.result()
+
+
+# Tensors merged concurrently; two keep both cores of a small machine busy.
+MERGE_THREADS = 2
 
 
 def _read_float(model: _Model, name: str, device: str) -> torch.Tensor:
