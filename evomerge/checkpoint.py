@@ -730,7 +730,7 @@ _UMASK = os.umask(0o022)
 os.umask(_UMASK)
 
 # Shards of 256 MiB keep a merge's memory bounded by one shard rather than by
-# the model size, because the writer holds the pending shard in memory.
+# the model size, because the writer keeps the pending shard in memory.
 DEFAULT_MAX_SHARD_BYTES = 256 * 1024**2
 
 

@@ -58,7 +58,7 @@ class MergeSettings(_Section):
     max_shard_bytes: int = Field(
         default=256 * 1024**2,
         gt=0,
-        description="Maximum size of one safetensors shard, in bytes; a merge holds one pending shard in memory.",
+        description="Maximum size of one safetensors shard, in bytes. A merge keeps one pending shard in memory.",
     )
     tokenizer_source: str = Field(
         default="base",

@@ -72,7 +72,8 @@ def _files(text: str) -> list[str]:
     missing = [path for path in paths if not Path(path).is_file()]
     if missing:
         raise ValueError(f"file not found: {', '.join(missing)}")
-    return paths
+    # Absolute paths keep the written configuration valid from any working directory.
+    return [str(Path(path).resolve()) for path in paths]
 
 
 def run_wizard(ask: Callable[[str], str] = input, output: str | None = None) -> Path:
@@ -140,4 +141,5 @@ def _ask_models(ask: Callable[[str], str]) -> list[ModelReference]:
         name = Path(answer.rstrip("/")).name.replace(" ", "-") or f"model{len(models) + 1}"
         if name in {model.name for model in models}:
             name = f"{name}-{len(models) + 1}"
-        models.append(ModelReference(name=name, path=answer))
+        path = str(Path(answer).resolve()) if Path(answer).exists() else answer  # else a Hub id
+        models.append(ModelReference(name=name, path=path))

@@ -631,7 +631,7 @@ class Ledger:
 
         DuckDB writes each file to a local temporary folder, and fsspec then
         uploads it. A local destination is replaced by a rename, so a reader
-        there never sees a half-written file.
+        there never opens a half-written file.
         """
         fs, root = fsspec.core.url_to_fs(str(destination), **(storage_options or {}))
         written = []

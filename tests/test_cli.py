@@ -236,3 +236,18 @@ def test_merge_refuses_existing_output(tmp_path, tiny_family, capsys):
     code = main(["--merge", str(config_path), "--output", str(tmp_path / "out"), "--log-file", str(tmp_path / "log")])
     assert code == EXIT_USAGE
     assert "already exists" in capsys.readouterr().err
+
+
+def test_generate_config_writes_absolute_paths(tmp_path, tiny_family):
+    import os
+
+    text = tmp_path / "search.txt"
+    text.write_text("The quick brown fox.")
+    relative_models = [os.path.relpath(path, tmp_path) for path in tiny_family[:2]]
+    answers = [*relative_models, "", "", "", "", "", "", "", "search.txt", str(tmp_path / "abs.yaml")]
+    completed = _cli("--generate-config", stdin="\n".join(answers) + "\n", cwd=tmp_path)
+
+    assert completed.returncode == EXIT_OK, completed.stdout + completed.stderr
+    config = load_config(tmp_path / "abs.yaml")
+    assert config.models[0].path == str(tiny_family[0].resolve())
+    assert config.evaluation.search_texts == [str(text.resolve())]

@@ -83,7 +83,7 @@ def constant_score(recipe, key):
 
 
 def key_score(recipe, key):
-    """Return a fitness fixed by the key, so every run sees the same scores."""
+    """Return a fitness fixed by the key, so every run gets the same scores."""
     return -(int(key[:6], 16) % 97) / 97.0, {}, False
 
 

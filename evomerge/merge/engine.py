@@ -23,7 +23,7 @@ Vocabulary sizes (``spec.tokenizer_source``):
   tokenizer files. The model need not be one of the inputs.
 * ``"union"``: the output has the largest vocabulary. Each block of rows is
   merged among the models that have it, and where the base lacks the rows the
-  mean of those models stands in for it. Rows that only one model has are
+  mean of those models replaces it. Rows that only one model has are
   copied from it. Tokenizer files come from the model with the largest
   vocabulary.
 

@@ -8,9 +8,9 @@ parameter's range in ``genes.PARAMETER_RANGES``. The ``layer_groups`` values of
 one parameter become a gradient list, which the merge interpolates linearly
 over the layer index.
 
-``cmaes.CMA`` minimises, so it is told ``-fitness``. A failed candidate is
-told ``FAILED_VALUE``, which ranks below every fitness above -1e12. A sampled vector
-whose recipe key was seen before is not proposed again: CMA-ES is told the
+``cmaes.CMA`` minimises, so it receives ``-fitness``. A failed candidate
+is given ``FAILED_VALUE``, which ranks below every fitness above -1e12. A sampled vector
+whose recipe key was seen before is not proposed again: CMA-ES receives the
 fitness already observed for that key. The CMA object is not saved; the
 base class's replay of the proposals and observations rebuilds it exactly.
 """
