@@ -831,8 +831,9 @@ MERGE_FIGURES = """What the figures mean:
 - process s: wall time of the whole child process, Python start and imports included. The speed-up against
   mergekit compares these process times, because mergekit's time is only known for its whole process.
 - peak RSS: `ru_maxrss` of the child from `os.wait4`, which includes the imported libraries (see the import-only
-  child above) and every page of the memory-mapped safetensors inputs that was read, because both tools read
-  inputs through mmap. `RSS / mergekit RSS` below 1 means EvoMerge used less memory.
+  child above) and the pages of the memory-mapped safetensors inputs that were mapped at the same time. Both
+  tools read inputs through mmap; EvoMerge unmaps each input tensor's pages once it is merged.
+  `RSS / mergekit RSS` below 1 means EvoMerge used less memory.
 - peak anon: the largest `RssAnon` (heap and tensors, without mapped files) in `/proc/PID/status`, sampled every
   20 ms, so a shorter spike can be missed. Mapped input pages are clean page cache that the kernel can drop under
   memory pressure, while anonymous memory cannot be dropped without swap.

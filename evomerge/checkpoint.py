@@ -18,6 +18,7 @@ import hashlib
 import json
 import logging
 import math
+import mmap
 import os
 import re
 import shutil
@@ -30,7 +31,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from evomerge.exceptions import (
@@ -247,11 +247,16 @@ def _download_snapshot(repo_id: str, revision: str | None, *, allow_pickle: bool
 
 @dataclass(frozen=True)
 class _TensorInfo:
-    """Location, dtype and shape of one tensor, taken from a file header."""
+    """Location, dtype and shape of one tensor, taken from a file header.
+
+    ``offset`` and ``nbytes`` locate a safetensors tensor's data in its file; they are 0 for pickled tensors.
+    """
 
     file: str
     dtype: torch.dtype
     shape: tuple[int, ...]
+    offset: int = 0
+    nbytes: int = 0
 
 
 @dataclass(frozen=True)
@@ -382,8 +387,7 @@ class CheckpointReader:
     """Lazy reader of one model folder: headers on open, tensor data on request.
 
     The index file, when present, decides which tensors exist and where they are.
-    Safetensors files are opened with ``safe_open`` on first use and stay open
-    until ``close``.
+    Safetensors files are opened on first use and stay open until ``close``.
     """
 
     def __init__(
@@ -402,7 +406,7 @@ class CheckpointReader:
 
         self._tensors: dict[str, _TensorInfo] = {}
         self._headers: dict[str, _SafetensorsHeader] = {}
-        self._handles: dict[str, Any] = {}
+        self._handles: dict[str, mmap.mmap] = {}
         self._pickle_shards: dict[str, dict[str, torch.Tensor]] = {}
         self._lock = threading.Lock()
         self._closed = False
@@ -527,10 +531,13 @@ class CheckpointReader:
     def _safetensors_keys(self, file_name: str) -> dict[str, _TensorInfo]:
         header = _read_safetensors_header(self.path / file_name)
         self._headers[file_name] = header
-        return {
-            name: _TensorInfo(file_name, SAFETENSORS_DTYPES[entry["dtype"]], tuple(int(d) for d in entry["shape"]))
-            for name, entry in header.tensors.items()
-        }
+        data_start = 8 + len(header.raw)
+        keys = {}
+        for name, entry in header.tensors.items():
+            begin, end = (int(offset) for offset in entry["data_offsets"])
+            shape = tuple(int(dim) for dim in entry["shape"])
+            keys[name] = _TensorInfo(file_name, SAFETENSORS_DTYPES[entry["dtype"]], shape, data_start + begin, end - begin)
+        return keys
 
     def _pickle_keys(self, file_name: str) -> dict[str, _TensorInfo]:
         state_dict = self._load_pickle(file_name)
@@ -590,19 +597,70 @@ class CheckpointReader:
         return self._info(name).dtype
 
     def get_tensor(self, name: str) -> torch.Tensor:
-        """Read one tensor into CPU memory."""
+        """Return one tensor on the CPU.
+
+        A safetensors tensor is a view of a copy-on-write memory map of its
+        file: nothing is copied until it is read, and writing to it changes only
+        this process's copy. See ``release`` for giving its pages back.
+        """
         if self._closed:
             raise CheckpointError(f"reader for {self.path} is closed: open a new CheckpointReader")
         info = self._info(name)
         if self.format == "pickle":
             return self._load_pickle(info.file)[name]
+        if info.nbytes == 0:
+            return torch.empty(info.shape, dtype=info.dtype)
 
+        data = torch.frombuffer(self._mapping(info.file), dtype=torch.uint8, count=info.nbytes, offset=info.offset)
+        return data.view(info.dtype).reshape(info.shape)
+
+    def _mapping(self, file_name: str) -> mmap.mmap:
         with self._lock:
-            handle = self._handles.get(info.file)
-            if handle is None:
-                handle = safe_open(str(self.path / info.file), framework="pt", device="cpu")
-                self._handles[info.file] = handle
-        return handle.get_tensor(name)
+            if self._closed:
+                raise CheckpointError(f"reader for {self.path} is closed: open a new CheckpointReader")
+            mapping = self._handles.get(file_name)
+            if mapping is None:
+                with open(self.path / file_name, "rb") as handle:
+                    mapping = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY)
+                self._handles[file_name] = mapping
+            return mapping
+
+    def _page_ranges(self, names: list[str]):
+        """Yield ``(mapping, start, length)`` for the whole pages inside each named safetensors tensor."""
+        if self.format != "safetensors" or self._closed:
+            return
+        for name in names:
+            info = self._tensors.get(name)
+            if info is None or not info.nbytes:
+                continue
+            start = -(-info.offset // mmap.PAGESIZE) * mmap.PAGESIZE
+            end = (info.offset + info.nbytes) // mmap.PAGESIZE * mmap.PAGESIZE
+            if end > start:
+                yield self._mapping(info.file), start, end - start
+
+    def prefetch(self, names: list[str]) -> None:
+        """Ask the OS to start reading these tensors from disk in the background.
+
+        Does nothing for pickled checkpoints or where ``madvise`` is missing. Unknown names are skipped.
+        """
+        if not hasattr(mmap, "MADV_WILLNEED"):
+            return
+        for mapping, start, length in self._page_ranges(names):
+            mapping.madvise(mmap.MADV_WILLNEED, start, length)
+
+    def release(self, names: list[str]) -> None:
+        """Unmap the pages of these tensors from this process, so they stop counting in its resident set.
+
+        Reading a released tensor again reads the file again. In-place changes
+        made to a released tensor's pages are lost, so release only tensors
+        that nothing will write to or read from again. The OS may keep the file
+        pages in its page cache. Does nothing for pickled checkpoints or where
+        ``madvise`` is missing.
+        """
+        if not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        for mapping, start, length in self._page_ranges(names):
+            mapping.madvise(mmap.MADV_DONTNEED, start, length)
 
     # -- identity and lifetime ----------------------------------------------
 
@@ -638,8 +696,12 @@ class CheckpointReader:
     def close(self) -> None:
         """Close every open shard handle, after which get_tensor raises CheckpointError."""
         with self._lock:
-            for handle in self._handles.values():
-                handle.__exit__(None, None, None)
+            for mapping in self._handles.values():
+                try:
+                    mapping.close()
+                except BufferError:
+                    # Tensors still view this map; it is unmapped when the last of them is freed.
+                    pass
             self._handles.clear()
             self._pickle_shards.clear()
             self._closed = True
@@ -820,13 +882,16 @@ class CheckpointWriter:
 
     # -- adding tensors -----------------------------------------------------
 
-    def add_tensor(self, name: str, tensor: torch.Tensor) -> None:
+    def add_tensor(self, name: str, tensor: torch.Tensor, *, copy: bool = True) -> None:
         """Cast, copy and queue one tensor, writing the pending shard first when it is full.
 
         The writer keeps its own contiguous CPU copy, so tensors that share
         storage (tied or repeated layers) are written as independent tensors and
-        the caller may modify ``tensor`` afterwards. Only floating-point tensors
-        are cast to the output dtype.
+        the caller may modify ``tensor`` afterwards. With ``copy=False`` the
+        caller hands ``tensor`` over: when it is already a contiguous CPU tensor
+        in the output dtype that owns all of its storage, the writer keeps it
+        without a copy, and the caller must not modify it. Only floating-point
+        tensors are cast to the output dtype.
         """
         self._check_open()
         if not isinstance(name, str) or not name:
@@ -838,7 +903,7 @@ class CheckpointWriter:
         if tensor.device.type == "meta":
             raise MergeError(f"tensor {name!r} is on the meta device and has no data: materialise it before writing")
 
-        owned = self._owned_copy(name, tensor)
+        owned = self._owned_copy(name, tensor, copy)
         size = owned.numel() * owned.element_size()
         if self._pending and self._pending_bytes + size > self.max_shard_bytes:
             self._flush_pending()
@@ -856,8 +921,11 @@ class CheckpointWriter:
         if owned.is_floating_point():
             self._bytes_by_dtype[owned.dtype] += size
 
-    def _owned_copy(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
-        """Return a contiguous CPU tensor in the output dtype that shares no memory with ``tensor``."""
+    def _owned_copy(self, name: str, tensor: torch.Tensor, copy: bool) -> torch.Tensor:
+        """Return a contiguous CPU tensor in the output dtype that owns its whole storage.
+
+        With ``copy`` the result also shares no memory with ``tensor``.
+        """
         source = tensor.detach()
         result = source.to("cpu")
         if self.dtype is not None and result.is_floating_point() and result.dtype != self.dtype:
@@ -865,7 +933,7 @@ class CheckpointWriter:
             self._check_cast_overflow(name, source, result)
         result = result.contiguous()
 
-        shares_input = result.untyped_storage().data_ptr() == source.untyped_storage().data_ptr()
+        shares_input = copy and result.untyped_storage().data_ptr() == source.untyped_storage().data_ptr()
         if shares_input or result.untyped_storage().nbytes() != result.numel() * result.element_size():
             result = result.clone()
         return result

@@ -93,6 +93,44 @@ def test_reader_closed_rejects_reads(tiny_model):
         reader.get_tensor("lm_head.weight")
 
 
+def mapped_kib(path: Path) -> int:
+    """Resident KiB of this process's memory maps of ``path``, from /proc/self/smaps."""
+    total, inside = 0, False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        fields = line.split()
+        if fields and "-" in fields[0] and len(fields) >= 5:
+            inside = line.endswith(str(path))
+        elif inside and fields[0] == "Rss:":
+            total += int(fields[1])
+    return total
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="needs Linux /proc/self/smaps")
+def test_reader_release_unmaps_pages(tmp_path):
+    values = torch.arange(1_000_000, dtype=torch.float32)
+    folder = save_state_dict({"big": values, "small": torch.ones(3)}, tmp_path / "model")
+    weights = (folder / "model.safetensors").resolve()
+    with CheckpointReader(folder) as reader:
+        big = reader.get_tensor("big")
+        reader.prefetch(["big", "small", "not-a-tensor"])
+        assert torch.equal(big, values)
+        resident = mapped_kib(weights)
+        reader.release(["big", "not-a-tensor"])
+        released = mapped_kib(weights)
+        # Reading the tensor again maps its pages back from the file.
+        assert torch.equal(big, values)
+    assert resident >= 3900
+    assert released <= 16
+
+
+def test_reader_writes_stay_private(tiny_model, tiny_state):
+    with CheckpointReader(tiny_model) as reader:
+        tensor = reader.get_tensor("lm_head.weight")
+        tensor.zero_()
+        assert torch.equal(reader.get_tensor("lm_head.weight"), torch.zeros(320, 32))
+    assert torch.equal(load_file(tiny_model / "model.safetensors")["lm_head.weight"], tiny_state["lm_head.weight"])
+
+
 def test_reader_sharded_from_writer(sharded_copy, tiny_state):
     index = read_index(sharded_copy)
     with CheckpointReader(sharded_copy) as reader:
@@ -322,6 +360,23 @@ def test_writer_shard_limit(tmp_path):
         with safe_open(str(output / shard), framework="pt") as handle:
             tensor_bytes = sum(handle.get_tensor(key).nbytes for key in handle.keys())
         assert tensor_bytes <= 1000, shard
+
+
+def test_writer_keeps_handed_over_tensor(tmp_path):
+    tensor = torch.arange(10.0)
+    with CheckpointWriter(tmp_path / "out", dtype=torch.float32) as writer:
+        writer.add_tensor("kept", tensor, copy=False)
+        writer.add_tensor("copied", tensor)
+        writer.add_tensor("view", tensor[:5], copy=False)
+        kept_pointer = writer._pending["kept"].data_ptr()
+        copied_pointer = writer._pending["copied"].data_ptr()
+        view_storage = writer._pending["view"].untyped_storage().nbytes()
+        output = writer.finalize()
+    assert kept_pointer == tensor.data_ptr()
+    assert copied_pointer != tensor.data_ptr()
+    # A view of a larger storage is copied even when handed over, so only its own bytes are written.
+    assert view_storage == 20
+    assert torch.equal(load_file(output / "model.safetensors")["view"], torch.arange(5.0))
 
 
 def test_writer_oversized_tensor_alone(tmp_path):

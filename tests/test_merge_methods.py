@@ -12,6 +12,7 @@ from evomerge.exceptions import ConfigError, MergeError
 from evomerge.merge.linear import nuslerp, slerp
 from evomerge.merge.parameters import interpolate_gradient, layer_position, resolve_parameters, resolve_value
 from evomerge.merge.registry import MERGE_TECHNIQUES, get_method
+from evomerge.merge import task_vectors
 from evomerge.merge.task_vectors import magnitude_prune, outlier_prune, random_drop, rank_magnitude_drop
 
 
@@ -416,3 +417,110 @@ def test_per_model_overrides_global():
     )
     assert resolved["weight"] == 2.0
     assert resolved["density"] == pytest.approx(0.2)
+
+
+# --- Large tensors: sampled selection and blockwise merging -------------------
+
+
+def reference_window(magnitudes: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+    """Keep mask of the ranks [start, stop) of a stable ascending sort, computed the slow way."""
+    order = torch.argsort(magnitudes.reshape(-1), stable=True)
+    keep = torch.zeros(magnitudes.numel(), dtype=torch.bool)
+    keep[order[start:stop]] = True
+    return keep.reshape(magnitudes.shape)
+
+
+def reference_task_vectors(inputs, base, weights, densities, consensus, normalize=True, scale=1.0):
+    """TIES or task arithmetic over whole tensors, with stable-sort magnitude trimming."""
+    deltas = []
+    for tensor, density in zip(inputs, densities):
+        delta = tensor - base
+        count = delta.numel()
+        if density < 1.0:
+            kept = max(1, int(density * count))
+            delta = delta * reference_window(delta.abs(), count - kept, count)
+        deltas.append(delta)
+    weighted = torch.stack([weight * delta for weight, delta in zip(weights, deltas)])
+    column = torch.tensor(weights).reshape((-1,) + (1,) * base.dim())
+    if consensus:
+        elected = torch.where(weighted.sum(dim=0) >= 0, 1.0, -1.0)
+        agree = (torch.sign(weighted) == elected).float()
+        merged = (weighted * agree).sum(dim=0)
+        divisor = (column * agree).sum(dim=0)
+        divisor = torch.where(divisor == 0, torch.ones_like(divisor), divisor)
+    else:
+        merged = weighted.sum(dim=0)
+        divisor = column.sum()
+    return base + scale * (merged / divisor if normalize else merged)
+
+
+@pytest.mark.parametrize("levels", [None, 7], ids=["distinct", "many-equal"])
+@pytest.mark.parametrize("density", [0.013, 0.5, 0.97])
+def test_magnitude_prune_large_matches_sort(levels, density):
+    generator = torch.Generator().manual_seed(1)
+    delta = torch.randn(300, 1100, generator=generator)
+    if levels is not None:
+        # Few distinct magnitudes put thousands of equal values at the cut-off.
+        delta = torch.randint(-levels, levels + 1, delta.shape, generator=generator).float()
+    kept = int(density * delta.numel())
+    expected = delta * reference_window(delta.abs(), delta.numel() - kept, delta.numel())
+    assert torch.equal(magnitude_prune(delta, density), expected)
+
+
+@pytest.mark.parametrize("levels", [None, 5], ids=["distinct", "many-equal"])
+def test_outlier_prune_large_matches_sort(levels):
+    generator = torch.Generator().manual_seed(2)
+    delta = torch.randn(200_000, generator=generator)
+    if levels is not None:
+        delta = torch.randint(-levels, levels + 1, delta.shape, generator=generator).float()
+    count = delta.numel()
+    kept, top = int(0.6 * count), int(0.05 * count)
+    expected = delta * reference_window(delta.abs(), count - kept - top, count - top)
+    assert torch.equal(outlier_prune(delta, density=0.6, gamma=0.05), expected)
+
+
+def test_selection_fallback_when_bracket_misses(monkeypatch):
+    # A zero-width bracket around the sample quantile misses the rank, so the whole tensor is searched.
+    monkeypatch.setattr(task_vectors, "BRACKET_DEVIATIONS", 0.0)
+    delta = torch.randn(150_000, generator=torch.Generator().manual_seed(3))
+    kept = int(0.3 * delta.numel())
+    expected = delta * reference_window(delta.abs(), delta.numel() - kept, delta.numel())
+    assert torch.equal(magnitude_prune(delta, 0.3), expected)
+
+
+@pytest.mark.parametrize("method,consensus", [("ties", True), ("task_arithmetic", False)])
+@pytest.mark.parametrize("levels", [None, 9], ids=["distinct", "many-equal"])
+def test_blockwise_merge_matches_formula(monkeypatch, method, consensus, levels):
+    # Small blocks make a 70000-entry tensor span many blocks, with equal magnitudes split across them.
+    monkeypatch.setattr(task_vectors, "CPU_BLOCK_SIZE", 4096)
+    generator = torch.Generator().manual_seed(4)
+    base = torch.randn(350, 200, generator=generator)
+    if levels is None:
+        deltas = [torch.randn(base.shape, generator=generator) for _ in range(3)]
+    else:
+        deltas = [torch.randint(-levels, levels + 1, base.shape, generator=generator).float() for _ in range(3)]
+    weights, densities = [0.5, 1.5, 1.0], [0.3, 0.5, 1.0]
+    if not consensus:
+        densities = [1.0, 1.0, 1.0]
+    inputs = [base + delta for delta in deltas]
+    result = merge(
+        method,
+        inputs,
+        base=base,
+        per_model=[{"weight": weight, "density": density} for weight, density in zip(weights, densities)],
+        options={"normalize": True, "lambda": 0.8},
+    )
+    expected = reference_task_vectors(inputs, base, weights, densities, consensus, scale=0.8)
+    assert_close(result, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_ties_cancelling_deltas_elect_positive():
+    # 1 * 2 + 2 * (-1) = 0 elects '+', so only the first model agrees there.
+    base = torch.zeros(3)
+    result = merge(
+        "ties",
+        [torch.tensor([2.0, 1.0, 0.0]), torch.tensor([-1.0, 1.0, 0.0])],
+        base=base,
+        per_model=[{"weight": 1.0, "density": 1.0}, {"weight": 2.0, "density": 1.0}],
+    )
+    assert_close(result, torch.tensor([2.0, 1.0, 0.0]))

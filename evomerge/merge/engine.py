@@ -2,10 +2,10 @@
 
 Parameter-space merges stream. For each tensor name the engine reads that
 tensor from every input, merges it in float32, hands it to the writer and
-drops it. Peak anonymous memory is therefore one tensor per input plus one
-output shard, whatever the number of layers. The inputs are memory-mapped, so
-their pages count in the resident set size but the OS can drop them. Layer-space methods are delegated to
-``evomerge.merge.layers``.
+drops it. Peak memory is therefore a few tensors per input plus one output
+shard, whatever the number of layers. The inputs are memory-mapped, and the
+pages of each tensor are unmapped once it is merged, so they do not pile up in
+the resident set. Layer-space methods are delegated to ``evomerge.merge.layers``.
 
 Before any tensor is read, the headers must agree: the same ``model_type`` and
 ``architectures`` in config.json, the same tensor names, and the same shapes
@@ -47,12 +47,12 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
-
+import gc
 import hashlib
 import logging
 import os
 import time
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -157,6 +157,7 @@ def run_merge(spec: MergeSpec, output_dir: str | os.PathLike, options: MergeOpti
     _check_spec(spec, method)
     started = time.perf_counter()
     with ExitStack() as stack:
+        stack.enter_context(_garbage_collection_paused())
         readers: dict[str, _Model] = {}
 
         def open_model(label: str) -> _Model:
@@ -178,6 +179,23 @@ def run_merge(spec: MergeSpec, output_dir: str | os.PathLike, options: MergeOpti
         output_dir, method.name, len(plan.output_names), time.perf_counter() - started,
     )
     return result
+
+
+@contextmanager
+def _garbage_collection_paused():
+    """Pause Python's cyclic garbage collector, and restore its state afterwards.
+
+    A merge creates many short-lived tensor objects, which trigger collections
+    that walk every object of the process while holding the interpreter lock.
+    Cycles left meanwhile are collected by the first collection after the merge.
+    """
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 # ---------------------------------------------------------------------------
@@ -413,25 +431,39 @@ def _write_merge(spec: MergeSpec, plan: _Plan, output_dir: Path, options: MergeO
 
     with CheckpointWriter(output_dir, max_shard_bytes=options.max_shard_bytes, dtype=out_dtype) as writer:
         for name, merged in _merged_in_order(plan, options):
-            writer.add_tensor(name, merged)
+            # Merged tensors are new, or views of an input that nothing writes to, so the writer need not copy them.
+            writer.add_tensor(name, merged, copy=False)
         return writer.finalize(config=config, side_files_from=side_files_from, metadata=metadata)
 
 
 def _merged_in_order(plan: _Plan, options: MergeOptions):
-    """Yield ``(name, merged tensor)`` in output order, merging up to MERGE_THREADS names at once.
+    """Yield ``(name, merged tensor)`` in output order, merging in a pool of worker threads.
 
-    Many CPU kernels of a merge (``topk``, sorting, sign election) run on one
-    core, so merging the next tensor while the current one finishes uses the
-    other cores. At most MERGE_THREADS merged tensors wait in memory. Results
-    do not depend on the thread count, because random drops are seeded by
-    tensor name.
+    The pool has the method's ``tensor_threads`` workers, and one more name
+    than that is submitted, so the workers merge the next names while this
+    thread writes. Results do not depend on the thread count, because random
+    drops are seeded by tensor name. When a name is submitted, the OS is asked
+    to start reading the name PREFETCH_DISTANCE places later, so disk reads
+    overlap the arithmetic.
     """
     names = list(plan.output_names)
-    with concurrent.futures.ThreadPoolExecutor(max_workers=MERGE_THREADS) as pool:
+    candidates = [item.model for item in plan.inputs] + [plan.base, plan.token_model, plan.reference]
+    models = _unique([model for model in candidates if model is not None])
+    threads = max(1, plan.method.tensor_threads)
+
+    def prefetch(position: int) -> None:
+        if position < len(names):
+            for model in models:
+                model.reader.prefetch([model.source_name(names[position])])
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=threads) as pool:
         pending: collections.deque = collections.deque()
-        for name in names:
+        for position in range(PREFETCH_DISTANCE):
+            prefetch(position)
+        for position, name in enumerate(names):
+            prefetch(position + PREFETCH_DISTANCE)
             pending.append((name, pool.submit(_merge_one, name, plan, options)))
-            if len(pending) >= MERGE_THREADS:
+            if len(pending) > threads:
                 done_name, future = pending.popleft()
                 yield done_name, future.result()
         while pending:
@@ -439,8 +471,8 @@ def _merged_in_order(plan: _Plan, options: MergeOptions):
             yield done_name, future.result()
 
 
-# Tensors merged concurrently; two keep both cores of a small machine busy.
-MERGE_THREADS = 2
+# How many names ahead of the one being submitted the OS starts reading in the background.
+PREFETCH_DISTANCE = 2
 
 
 def _read_float(model: _Model, name: str, device: str) -> torch.Tensor:
@@ -459,16 +491,32 @@ def _read_float(model: _Model, name: str, device: str) -> torch.Tensor:
 
 
 def _merge_one(name: str, plan: _Plan, options: MergeOptions) -> torch.Tensor:
-    """Read, merge and return one output tensor."""
+    """Read, merge and return one output tensor, then release the input pages it read.
+
+    Without the release, every memory-mapped page read so far would stay in the
+    resident set until the readers close, so peak RSS would grow with depth.
+    """
     cache: dict[int, torch.Tensor] = {}
+    read_models: list[_Model] = []
 
     def read(model: _Model) -> torch.Tensor:
         # The same model listed twice is read once and used twice.
         key = id(model)
         if key not in cache:
+            read_models.append(model)
             cache[key] = _read_float(model, name, options.device)
         return cache[key]
 
+    try:
+        return _merge_read(name, plan, read)
+    finally:
+        cache.clear()
+        for model in read_models:
+            model.reader.release([model.source_name(name)])
+
+
+def _merge_read(name: str, plan: _Plan, read: Callable[[_Model], torch.Tensor]) -> torch.Tensor:
+    """Merge one output tensor from the tensors that ``read`` returns for each model."""
     inputs = [read(item.model) for item in plan.inputs]
     base = read(plan.base) if plan.base is not None else None
     if not (inputs[0] if inputs else base).is_floating_point():

@@ -463,17 +463,21 @@ def write_layer_model(
                 match = _LAYER_NAME.match(name)
                 if match is None or match["prefix"] != reference_stack.prefix:
                     writer.add_tensor(name, reference_reader.get_tensor(name))
+                    reference_reader.release([name])
 
             for output_layer, placement in enumerate(placements):
                 source_reader = readers[placement.model]
                 source_stack = stacks[placement.model]
                 for rest in source_stack.tensors[placement.layer]:
-                    tensor = source_reader.get_tensor(source_stack.name(placement.layer, rest))
+                    source_name = source_stack.name(placement.layer, rest)
+                    tensor = source_reader.get_tensor(source_name)
                     factor = placement.scale_for(rest)
                     if factor != 1.0:
                         tensor = (tensor.to(torch.float32) * factor).to(tensor.dtype)
-                    # add_tensor stores its own copy, so a layer used twice gets independent tensors.
+                    # add_tensor stores its own copy, so a layer used twice gets independent tensors
+                    # and the input pages can be unmapped at once.
                     writer.add_tensor(reference_stack.name(output_layer, rest), tensor)
+                    source_reader.release([source_name])
 
             return writer.finalize(config=config, side_files_from=reference_reader.path)
 

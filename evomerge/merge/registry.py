@@ -43,7 +43,10 @@ class MergeMethod:
 
     ``needs_base`` means a spec without ``base_model`` is rejected. ``uses_base``
     means the base tensor is passed to ``merge_tensor`` when the spec names one.
-    A parameter without an entry in ``defaults`` is required.
+    A parameter without an entry in ``defaults`` is required. ``tensor_threads``
+    is how many tensor names the engine merges at once: 1 where torch's own
+    kernels already use every core, more where the method spends its time in
+    kernels that run on one core, such as random draws and sorting.
     """
 
     name: str
@@ -55,6 +58,7 @@ class MergeMethod:
     merge_tensor: MergeTensorFunction | None = None
     uses_base: bool = False
     defaults: Mapping[str, float | bool] = field(default_factory=lambda: MappingProxyType({}))
+    tensor_threads: int = 1
 
     def valid_parameters(self) -> frozenset[str]:
         """Return every name accepted in the spec's global ``parameters``.
@@ -115,6 +119,8 @@ def _task_vector_method(
         merge_tensor=merge_tensor,
         uses_base=True,
         defaults=MappingProxyType(defaults),
+        # Random drops and DELLA's ranking sort run on one core.
+        tensor_threads=2 if sparsifier in ("random", "rank_magnitude") else 1,
     )
 
 
