@@ -524,3 +524,25 @@ def test_ties_cancelling_deltas_elect_positive():
         per_model=[{"weight": 1.0, "density": 1.0}, {"weight": 2.0, "density": 1.0}],
     )
     assert_close(result, torch.tensor([2.0, 1.0, 0.0]))
+
+
+@pytest.mark.parametrize("density", [0.2, 0.5])
+def test_magnitude_prune_mostly_zero_delta(density):
+    # 70% of entries unchanged by the fine-tune: at density 0.5 the cut falls among the zeros.
+    generator = torch.Generator().manual_seed(5)
+    delta = torch.randn(400_000, generator=generator)
+    delta[torch.rand(delta.shape, generator=generator) < 0.7] = 0.0
+    count = delta.numel()
+    kept, top = int(density * count), int(0.01 * count)
+
+    expected_magnitude = delta * reference_window(delta.abs(), count - kept, count)
+    assert torch.equal(magnitude_prune(delta, density), expected_magnitude)
+
+    expected_outliers = delta * reference_window(delta.abs(), count - kept - top, count - top)
+    assert torch.equal(outlier_prune(delta, density, 0.01), expected_outliers)
+
+
+def test_ties_unchanged_large_tensor_gives_base():
+    base = torch.randn(300, 400, generator=torch.Generator().manual_seed(6))
+    result = merge("ties", [base.clone(), base.clone()], base=base, per_model=[{"weight": 1.0, "density": 0.5}] * 2)
+    assert torch.equal(result, base)

@@ -106,11 +106,12 @@ class _Magnitudes:
     def whole(self) -> torch.Tensor:
         """Return every magnitude as one flat tensor."""
         delta = self.delta(0, self.numel)
-        self._kept = delta
+        if self.numel <= self.block_size:
+            self._kept = delta
         return delta.abs()
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class _RankCut:
     """The value at one rank of the ascending magnitudes, with how many are smaller and how many equal it."""
 
@@ -159,10 +160,18 @@ def _find_cuts(magnitudes: _Magnitudes, ranks: list[int]) -> list[_RankCut]:
         high = sample[high_index] if high_index < size else None
         brackets.append((low, high))
 
+    # Where the sample puts a rank among zero magnitudes (unchanged entries of a
+    # fine-tune), counting the zeros finds the cut without copying them out.
+    among_zeros = [high is not None and bool(high == 0) for _, high in brackets]
+    zeros = 0
     below = [0] * len(ranks)
     bands: list[list[torch.Tensor]] = [[] for _ in ranks]
     for block in magnitudes.blocks():
+        if any(among_zeros):
+            zeros += block.numel() - int(torch.count_nonzero(block))
         for index, (low, high) in enumerate(brackets):
+            if among_zeros[index]:
+                continue
             inside = block <= high if high is not None else None
             if low is not None:
                 at_least_low = block >= low
@@ -171,7 +180,11 @@ def _find_cuts(magnitudes: _Magnitudes, ranks: list[int]) -> list[_RankCut]:
             bands[index].append(block[inside] if inside is not None else block)
 
     cuts: list[_RankCut | None] = []
-    for rank, smaller, parts in zip(ranks, below, bands):
+    for index, (rank, smaller, parts) in enumerate(zip(ranks, below, bands)):
+        if among_zeros[index]:
+            zero = torch.zeros((), dtype=sample.dtype, device=sample.device)
+            cuts.append(_RankCut(rank, zero, 0, zeros) if rank < zeros else None)
+            continue
         band = torch.cat(parts)
         if smaller <= rank < smaller + band.numel():
             value = torch.kthvalue(band, rank - smaller + 1).values
@@ -220,11 +233,18 @@ class _RankWindow:
             self.lower = cuts.pop(0)
         if self.stop < count:
             self.upper = cuts.pop(0)
+        # Keeping or dropping an entry of magnitude 0 leaves it 0, so a cut at 0
+        # needs no position rule, and a lower cut at 0 keeps everything.
+        if self.lower is not None and bool(self.lower.value == 0):
+            self.lower = None
+            self.keeps_all = self.upper is None
         # A cut splits its equal entries when only some of them lie inside the window.
         self.split = [
             cut
             for cut in (self.lower, self.upper)
-            if cut is not None and (cut.smaller < self.start or cut.smaller + cut.equal > self.stop)
+            if cut is not None
+            and bool(cut.value != 0)
+            and (cut.smaller < self.start or cut.smaller + cut.equal > self.stop)
         ]
         if len(self.split) == 2 and bool(self.split[0].value == self.split[1].value):
             self.split.pop()
