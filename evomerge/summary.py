@@ -11,9 +11,10 @@ def format_summary(summary: dict[str, Any]) -> str:
     if summary.get("best_path"):
         lines.append(f"Best model: {summary['best_path']}")
         lines.append(f"  key {summary['best_key']}, search fitness {summary['best_fitness']:.4f}")
-        note = compare_with_inputs(summary)
-        if note:
-            lines.append(note)
+        for split in ("search", "heldout"):
+            note = compare_with_inputs(summary, split)
+            if note:
+                lines.append(note)
     else:
         lines.append("No candidate was built successfully; see evomerge.log for the reasons.")
 
@@ -46,19 +47,28 @@ def format_summary(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def compare_with_inputs(summary: dict[str, Any]) -> str | None:
-    """Return a line saying whether the best merge beat the best input model on the search split."""
-    rows = [row for row in summary.get("comparison") or [] if row["split"] == "search" and row["metric"] == "fitness"]
+SPLIT_NAMES = {"search": "search", "heldout": "held-out"}
+
+
+def compare_with_inputs(summary: dict[str, Any], split: str = "search") -> str | None:
+    """Return a line saying whether the best merge beat the best input model on ``split``, or None without scores."""
+    rows = [row for row in summary.get("comparison") or [] if row["split"] == split and row["metric"] == "fitness"]
     best = next((row["value"] for row in rows if row["name"] == "best merge"), None)
     inputs = [row for row in rows if row["key"].startswith("input-") and row["value"] is not None]
     if best is None or not inputs:
         return None
+
     top = max(inputs, key=lambda row: row["value"])
+    where = SPLIT_NAMES.get(split, split)
     if best > top["value"]:
-        return f"  beats every input model on the search split (best input: {top['name']}, fitness {top['value']:.4f})"
+        return f"  beats every input model on the {where} split (best input: {top['name']}, fitness {top['value']:.4f})"
+    if split == "search":
+        advice = "try more generations or a larger population"
+    else:
+        advice = "the search may have fitted its own texts; add search texts or check the held-out scores"
     return (
-        f"  NOTE: no merge beat the input model {top['name']} (fitness {top['value']:.4f}) on the search split; "
-        "try more generations or a larger population"
+        f"  NOTE: the best merge does not beat the input model {top['name']} (fitness {top['value']:.4f}) "
+        f"on the {where} split: {advice}"
     )
 
 
