@@ -77,13 +77,13 @@ class _Magnitudes:
         self.base = base.reshape(-1) if base is not None else None
         self.numel = self.tensor.numel()
         self.block_size = block_size
-        self._kept: torch.Tensor | None = None
+        self._saved_delta: torch.Tensor | None = None
 
     def delta(self, start: int, stop: int) -> torch.Tensor:
         """Return ``x - base`` over positions ``[start, stop)`` as a tensor the caller owns."""
-        if self._kept is not None and start == 0 and stop == self.numel:
-            kept, self._kept = self._kept, None
-            return kept
+        if self._saved_delta is not None and start == 0 and stop == self.numel:
+            saved, self._saved_delta = self._saved_delta, None
+            return saved
         if self.base is None:
             return self.tensor[start:stop].clone()
         return self.tensor[start:stop] - self.base[start:stop]
@@ -107,7 +107,7 @@ class _Magnitudes:
         """Return every magnitude as one flat tensor."""
         delta = self.delta(0, self.numel)
         if self.numel <= self.block_size:
-            self._kept = delta
+            self._saved_delta = delta
         return delta.abs()
 
 
