@@ -65,7 +65,7 @@ def compare_with_inputs(summary: dict[str, Any], split: str = "search") -> str |
     if split == "search":
         advice = "try more generations or a larger population"
     else:
-        advice = "the search may have fitted its own texts; add search texts or check the held-out scores"
+        advice = "the search texts may be too narrow, so add more varied ones"
     return (
         f"  NOTE: the best merge does not beat the input model {top['name']} (fitness {top['value']:.4f}) "
         f"on the {where} split: {advice}"

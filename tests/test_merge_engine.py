@@ -418,3 +418,20 @@ def test_mergekit_config_each_method(method, family, tmp_path):
         }
     expected = method_entry.merge_tensor(inputs, base_tensor, per_model, options, tensor_generator(merge_spec.seed or 0, Q_PROJ_3))
     assert_close(out[Q_PROJ_3], expected)
+
+
+def test_integer_tensor_passes_through_copied(family, tmp_path):
+    # Integer tensors are not merged: the reference model's tensor is written as it is, from a copy.
+    base, ft1, ft2, _ = family
+    positions = torch.arange(64, dtype=torch.int64)
+
+    def with_positions(tensors):
+        return {**tensors, "model.position_ids": positions}
+
+    first = clone_model(ft1, tmp_path / "ft1", edit=with_positions)
+    second = clone_model(ft2, tmp_path / "ft2", edit=with_positions)
+    out = weights(run_merge(spec("linear", [entry(first, weight=1.0), entry(second, weight=1.0)]), tmp_path / "out"))
+
+    assert out["model.position_ids"].dtype == torch.int64
+    assert torch.equal(out["model.position_ids"], positions)
+    assert_close(out[UP_PROJ_1], (weights(ft1)[UP_PROJ_1] + weights(ft2)[UP_PROJ_1]) / 2)

@@ -431,7 +431,7 @@ def _write_merge(spec: MergeSpec, plan: _Plan, output_dir: Path, options: MergeO
 
     with CheckpointWriter(output_dir, max_shard_bytes=options.max_shard_bytes, dtype=out_dtype) as writer:
         for name, merged in _merged_in_order(plan, options):
-            # Merged tensors are new, or views of an input that nothing writes to, so the writer need not copy them.
+            # _merge_one returns tensors that share no memory with the inputs, so the writer need not copy them.
             writer.add_tensor(name, merged, copy=False)
         return writer.finalize(config=config, side_files_from=side_files_from, metadata=metadata)
 
@@ -508,11 +508,21 @@ def _merge_one(name: str, plan: _Plan, options: MergeOptions) -> torch.Tensor:
         return cache[key]
 
     try:
-        return _merge_read(name, plan, read)
+        merged = _merge_read(name, plan, read)
+        # Where the result is an input itself (a tensor passed through unmerged), copy it: the writer keeps
+        # merged tensors without copying, and two output names may view the same input bytes.
+        if any(_shares_storage(merged, tensor) for tensor in cache.values()):
+            merged = merged.clone()
+        return merged
     finally:
         cache.clear()
         for model in read_models:
             model.reader.release([model.source_name(name)])
+
+
+def _shares_storage(first: torch.Tensor, second: torch.Tensor) -> bool:
+    """Return whether two tensors start their storage at the same address."""
+    return first.untyped_storage().data_ptr() == second.untyped_storage().data_ptr()
 
 
 def _merge_read(name: str, plan: _Plan, read: Callable[[_Model], torch.Tensor]) -> torch.Tensor:
